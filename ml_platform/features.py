@@ -1,0 +1,165 @@
+"""The platform's own feature repo for its reference use case, card-fraud detection.
+
+Every consumer (training set, batch scoring, online serving, stream scoring, drift monitoring)
+reads these definitions; nothing else in the code base names a feature's SQL or window.
+Source paths are relative to the feature store's repo path (the data directory).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+
+from ml_platform.featurestore.definitions import (
+    Aggregation,
+    Entity,
+    Field,
+    FeatureView,
+    FileSource,
+    Float64,
+    Int64,
+    String,
+)
+
+# --- Raw data contract: column names of the transaction events (see ml_platform.sources) ---
+TRANSACTIONS_PATH = "raw/transactions"  # hive-partitioned Parquet: raw/transactions/date=YYYY-MM-DD/*.parquet
+USERS_PATH = "raw/users"
+EVENT_TS = "event_timestamp"
+CREATED_TS = "created_timestamp"
+LABEL_TS = "label_timestamp"
+LABEL = "is_fraud"
+
+user = Entity("user", join_keys=["user_id"], value_type=Int64, description="A card holder")
+merchant = Entity("merchant", join_keys=["merchant_id"], value_type=Int64, description="A merchant")
+
+transactions_source = FileSource(
+    path=TRANSACTIONS_PATH,
+    timestamp_field=EVENT_TS,
+    created_timestamp_column=CREATED_TS,
+    name="transactions",
+)
+# The same events seen at the time their label became known: a label is usable only from then on.
+labels_source = FileSource(
+    path=TRANSACTIONS_PATH,
+    timestamp_field=LABEL_TS,
+    created_timestamp_column=None,
+    name="labels",
+)
+users_source = FileSource(
+    path=USERS_PATH,
+    timestamp_field="updated_at",
+    created_timestamp_column=None,
+    name="users",
+)
+
+_H, _D = timedelta(hours=1), timedelta(days=1)
+_WINDOWS = {"1h": _H, "24h": _D, "7d": 7 * _D, "30d": 30 * _D}
+
+
+def _amount_aggs() -> list[Aggregation]:
+    aggs: list[Aggregation] = []
+    for label, window in _WINDOWS.items():
+        aggs += [
+            Aggregation("count", window, name=f"txn_count_{label}"),
+            Aggregation("sum", window, "amount", name=f"amount_sum_{label}"),
+            Aggregation("mean", window, "amount", name=f"amount_mean_{label}"),
+            Aggregation("max", window, "amount", name=f"amount_max_{label}"),
+        ]
+    return aggs
+
+
+user_transaction_stats = FeatureView(
+    name="user_transaction_stats",
+    entities=[user],
+    source=transactions_source,
+    aggregations=_amount_aggs(),
+    ttl=30 * _D,
+    description="Spend velocity per card holder: count, sum, mean and max amount over 1h, 24h, 7d, 30d",
+)
+
+merchant_transaction_stats = FeatureView(
+    name="merchant_transaction_stats",
+    entities=[merchant],
+    source=transactions_source,
+    aggregations=[
+        Aggregation("count", _D, name="merchant_txn_count_24h"),
+        Aggregation("mean", 7 * _D, "amount", name="merchant_amount_mean_7d"),
+    ],
+    ttl=30 * _D,
+    description="Merchant activity: transactions in the last 24h and mean amount over 7 days",
+)
+
+merchant_fraud_stats = FeatureView(
+    name="merchant_fraud_stats",
+    entities=[merchant],
+    source=labels_source,
+    aggregations=[
+        Aggregation("mean", 30 * _D, LABEL, name="merchant_fraud_rate_30d"),
+        Aggregation("count", 30 * _D, name="merchant_label_count_30d"),
+    ],
+    ttl=30 * _D,
+    description="Fraud rate per merchant over labels that arrived in the last 30 days (known-at-the-time only)",
+)
+
+user_merchant_stats = FeatureView(
+    name="user_merchant_stats",
+    entities=[user, merchant],
+    source=transactions_source,
+    aggregations=[Aggregation("count", 30 * _D, name="user_merchant_txn_count_30d")],
+    ttl=30 * _D,
+    description="How often this card holder used this merchant in 30 days (1 = a new merchant)",
+)
+
+user_profile = FeatureView(
+    name="user_profile",
+    entities=[user],
+    source=users_source,
+    schema=[Field("home_country", String), Field("account_age_days", Int64)],
+    ttl=None,
+    description="Card-holder profile: home country and account age at the last profile update",
+)
+
+ENTITIES = [user, merchant]
+FEATURE_VIEWS = [
+    user_transaction_stats,
+    merchant_transaction_stats,
+    merchant_fraud_stats,
+    user_merchant_stats,
+    user_profile,
+]
+
+
+# --- Request-time features: computed from the transaction itself plus looked-up features. ---
+# One function, used by the training-set builder, batch scoring, the HTTP API and the stream
+# worker alike, so a request-time feature is computed by the same code everywhere.
+REQUEST_COLUMNS = ["amount", "merchant_category", "country", "device", "channel", EVENT_TS]
+REQUEST_FEATURES = ["amount", "amount_to_user_mean_30d", "hour_of_day", "is_night", "is_foreign"]
+CATEGORICAL_FEATURES = ["merchant_category", "country", "device", "channel"]
+
+
+def add_request_features(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add request-time features to `frame` (a copy): it needs REQUEST_COLUMNS plus the
+    looked-up `amount_mean_30d` and `home_country` columns (nulls allowed)."""
+    out = frame.copy()
+    mean_30d = pd.to_numeric(out["amount_mean_30d"], errors="coerce").astype("float64")
+    amount = out["amount"].astype("float64")
+    out["amount_to_user_mean_30d"] = np.where(mean_30d > 0, amount / mean_30d.where(mean_30d > 0, 1.0), np.nan)
+    ts = pd.to_datetime(out[EVENT_TS], utc=True)
+    out["hour_of_day"] = ts.dt.hour.astype("int64")
+    out["is_night"] = out["hour_of_day"].between(0, 5).astype("int64")
+    home = out["home_country"].astype("object")
+    out["is_foreign"] = np.where(home.isna(), np.nan, (out["country"].astype("object") != home).astype("float64"))
+    return out
+
+
+# The model's input: looked-up features (by reference) + request-time + categorical features.
+MODEL_FEATURE_REFS = [
+    *user_transaction_stats.feature_refs(),
+    *merchant_transaction_stats.feature_refs(),
+    *merchant_fraud_stats.feature_refs(),
+    *user_merchant_stats.feature_refs(),
+    "user_profile:account_age_days",
+    "user_profile:home_country",
+]

