@@ -54,6 +54,18 @@ users_source = FileSource(
     name="users",
 )
 
+# Features of an event are looked up as of *just before* it: the state the serving path sees
+# when a new transaction arrives (online store = aggregates up to the entity's previous event).
+# Training, batch scoring, the HTTP API and the stream worker all use this same rule, so the
+# transaction being scored is never inside its own aggregates anywhere.
+FEATURE_LOOKUP_OFFSET = timedelta(microseconds=1)
+
+
+def feature_lookup_time(event_timestamp):
+    """The point-in-time at which an event's looked-up features are read (see FEATURE_LOOKUP_OFFSET)."""
+    return event_timestamp - FEATURE_LOOKUP_OFFSET
+
+
 _H, _D = timedelta(hours=1), timedelta(days=1)
 _WINDOWS = {"1h": _H, "24h": _D, "7d": 7 * _D, "30d": 30 * _D}
 

@@ -57,8 +57,12 @@ class FeatureStore:
         *,
         duckdb_threads: int | None = None,
         duckdb_memory_limit: str | None = None,
+        online_store=None,
+        project: str = "ml_platform",
     ) -> None:
         self.repo_path = Path(repo_path).expanduser().resolve()
+        self.project = project
+        self._online = online_store
         self.duckdb_threads = duckdb_threads
         self.duckdb_memory_limit = duckdb_memory_limit
         self._entities: dict[str, Entity] = {}
@@ -66,6 +70,30 @@ class FeatureStore:
         registry = self.repo_path / REGISTRY_FILE
         if registry.exists():
             self._load_registry(registry)
+
+    # ---------------------------------------------------------------- online store
+
+    @property
+    def online_store(self):
+        """The Redis online store (REDIS_URL, else the embedded redis-server), built on first use."""
+        if self._online is None:
+            from ml_platform.featurestore.online import RedisOnlineStore
+            from ml_platform.featurestore.redis_server import redis_client
+            from ml_platform.settings import load_settings
+
+            self._online = RedisOnlineStore(redis_client(load_settings()), self.project, views=self._views)
+        return self._online
+
+    def materialize(self, views=None, as_of: datetime | None = None, *, mode: str = "full") -> list[dict]:
+        """Load the latest values per entity (within TTL, as of `as_of`) from the offline store into
+        the online store; mode="incremental" writes only entities changed since the last run."""
+        from ml_platform.featurestore.online import materialize
+
+        return materialize(self.online_store, self, views, as_of, mode=mode)
+
+    def get_online_features(self, features, entity_rows, **kwargs) -> dict[str, list]:
+        """Feast's `get_online_features`: column -> list in entity_rows order, entity keys included."""
+        return self.online_store.read(features, entity_rows, **kwargs)
 
     # ---------------------------------------------------------------- registry
 

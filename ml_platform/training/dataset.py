@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from ml_platform.features import EVENT_TS, LABEL, LABEL_TS, add_request_features
+from ml_platform.features import EVENT_TS, LABEL, LABEL_TS, add_request_features, feature_lookup_time
 
 
 class HistoricalFeatureSource(Protocol):
@@ -28,8 +28,9 @@ class HistoricalFeatureSource(Protocol):
 def build_training_frame(
     store: HistoricalFeatureSource, labelled_events: pd.DataFrame, feature_refs: Sequence[str]
 ) -> pd.DataFrame:
-    """One row per labelled event: the event's own columns, its features as of `event_timestamp`
-    (point in time, from the store) and the request-time features. Rows without a label are dropped.
+    """One row per labelled event: the event's own columns, its features as of just before
+    `event_timestamp` (point in time, from the store: `features.feature_lookup_time`, the state
+    serving sees) and the request-time features. Rows without a label are dropped.
 
     The result is sorted by event time (then `transaction_id` when present) so it is reproducible.
     """
@@ -47,7 +48,9 @@ def build_training_frame(
         )
     labelled[EVENT_TS] = pd.to_datetime(labelled[EVENT_TS], utc=True)
     labelled[LABEL_TS] = pd.to_datetime(labelled[LABEL_TS], utc=True)
-    frame = store.get_historical_features(labelled, list(feature_refs), full_feature_names=False)
+    lookup = labelled.copy()
+    lookup[EVENT_TS] = feature_lookup_time(labelled[EVENT_TS])
+    frame = store.get_historical_features(lookup, list(feature_refs), full_feature_names=False)
     if len(frame) != len(labelled):
         raise RuntimeError(
             f"Feature store returned {len(frame)} rows for {len(labelled)} labelled events; "
@@ -58,6 +61,7 @@ def build_training_frame(
         raise RuntimeError(
             f"Feature store dropped entity columns {lost}; it must pass entity_df columns through"
         )
+    frame[EVENT_TS] = labelled[EVENT_TS].array  # positional: the store keeps row order
     frame = add_request_features(frame)
     frame[LABEL] = frame[LABEL].astype("int64")
     sort_keys = [EVENT_TS] + (["transaction_id"] if "transaction_id" in frame.columns else [])

@@ -1,0 +1,263 @@
+"""The ML lifecycle as Dagster software-defined assets.
+
+sources:   raw_transactions (daily partitions, one run for any range) -> users
+features:  one offline table per aggregated feature view (DuckDB SQL compiled from declarations)
+training:  training_set (gated by a blocking pandera check) -> trained_model -> model_evaluation
+           -> registered_model (MLflow version, `challenger`, promoted to `champion` if better)
+
+Each body is a few lines over the domain library; metadata makes every step inspectable in the UI.
+"""
+
+
+import datetime as dt
+
+import dagster as dg
+
+from ml_platform import features as fr
+from ml_platform.defs.resources import EventSourceResource, FeatureStoreResource, MLflowRegistryResource
+
+PARTITIONS_START = "2025-01-01"
+daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, end_offset=0)
+
+RAW_CHECK = "raw_transactions_valid"
+TRAINING_CHECK = "training_set_valid"
+
+
+def _today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+def _check_result(report, asset_key: str, check_name: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=check_name,
+        passed=report.ok,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=report.summary(),
+        metadata=report.to_metadata(),
+    )
+
+
+def _as_of_for(dates: list[dt.date]) -> dt.datetime:
+    """Labels are known up to the end of the latest generated day (and never past now)."""
+    end = dt.datetime.combine(max(dates) + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    return min(end, dt.datetime.now(dt.UTC))
+
+
+@dg.asset(
+    group_name="sources",
+    kinds={"parquet"},
+    description="Card-holder profiles (home country, account age): the user_profile feature view's source.",
+)
+def users(feature_store: FeatureStoreResource, event_source: EventSourceResource) -> dg.MaterializeResult:
+    from ml_platform.sources.generator import write_users
+
+    # Profiles are a snapshot dated at the first partition, so they are valid for every event.
+    config = event_source.generator_config(start=dt.date.fromisoformat(PARTITIONS_START), days=1)
+    path = write_users(config, feature_store.data_dir / "raw")
+    return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)), "users": config.n_users})
+
+
+@dg.asset(
+    group_name="sources",
+    kinds={"parquet"},
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            RAW_CHECK,
+            asset="raw_transactions",
+            blocking=True,
+            description="pandera schema of raw transaction events; a failure stops everything downstream",
+        )
+    ],
+    description="Raw card-transaction events, one Parquet partition per day (synthetic or imported files).",
+)
+def raw_transactions(
+    context: dg.AssetExecutionContext,
+    feature_store: FeatureStoreResource,
+    event_source: EventSourceResource,
+):
+    from ml_platform.sources import raw_events
+    from ml_platform.validation import RAW_TRANSACTIONS_SCHEMA, validate
+
+    dates = sorted(dt.date.fromisoformat(k) for k in context.partition_keys)
+    raw_dir = feature_store.data_dir / "raw"
+    if event_source.kind == "files":
+        from ml_platform.sources.files import import_events
+
+        if not event_source.import_path:
+            raise dg.Failure("event_source.kind is 'files' but import_path is not set")
+        # An import writes every day its files hold; this run validates the selected days.
+        written = import_events(event_source.import_path, raw_dir)
+    else:
+        from ml_platform.sources.generator import write_day
+
+        config = event_source.generator_config(start=dates[0], days=len(dates), as_of=_as_of_for(dates))
+        written = [write_day(config, d, raw_dir) for d in dates]
+    frame = raw_events.read_days(raw_dir, dates)
+    report = validate(frame, RAW_TRANSACTIONS_SCHEMA, now=dt.datetime.now(dt.UTC))
+    context.log.info(report.summary())
+    yield dg.MaterializeResult(
+        metadata={
+            "rows": len(frame),
+            "days": len(dates),
+            "fraud_rate_known": float(frame[fr.LABEL].mean()) if frame[fr.LABEL].notna().any() else None,
+            "labels_known": int(frame[fr.LABEL].notna().sum()),
+            "files": len(written),
+            "preview": dg.MetadataValue.md(f"```\n{frame.head(5).to_string(index=False)}\n```"),
+        }
+    )
+    yield _check_result(report, "raw_transactions", RAW_CHECK)
+
+
+def _feature_table_asset(view) -> dg.AssetsDefinition:
+    deps = ["users"] if view.source.path == fr.USERS_PATH else ["raw_transactions"]
+
+    @dg.asset(
+        name=view.name,
+        group_name="features",
+        kinds={"duckdb", "parquet"},
+        deps=deps,
+        description=view.description,
+        tags={"feature_view": view.name},
+    )
+    def _table(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+        store = feature_store.store()
+        result = store.materialize_offline(view.name)
+        return dg.MaterializeResult(
+            metadata={
+                "rows": result["rows"],
+                "path": dg.MetadataValue.path(str(result["path"])),
+                "seconds": round(result["seconds"], 3),
+                "entities": ", ".join(view.join_keys),
+                "ttl": str(view.ttl),
+                "features": dg.MetadataValue.json(view.feature_names),
+                "sql": dg.MetadataValue.md(f"```sql\n{store.aggregation_sql(view.name)}\n```"),
+            }
+        )
+
+    return _table
+
+
+feature_table_assets = [_feature_table_asset(v) for v in fr.FEATURE_VIEWS if v.aggregations]
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"duckdb", "parquet"},
+    deps=[*(v.name for v in fr.FEATURE_VIEWS if v.aggregations), "users"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            TRAINING_CHECK,
+            asset="training_set",
+            blocking=True,
+            description="pandera schema of the training set; a failure stops training (the champion stays)",
+        )
+    ],
+    description="Labelled events known at the cut + point-in-time features + request-time features, split by time.",
+)
+def training_set(feature_store: FeatureStoreResource):
+    from ml_platform.training.pipeline import build_training_set
+    from ml_platform.validation import TRAINING_SET_SCHEMA, validate
+
+    built = build_training_set(feature_store.store(), feature_store.data_dir)
+    report = validate(built.frame.drop(columns=["split"]), TRAINING_SET_SCHEMA, now=dt.datetime.now(dt.UTC))
+    yield dg.MaterializeResult(
+        metadata={
+            "rows": len(built.frame),
+            "positives": int(built.frame[fr.LABEL].sum()),
+            "data_version": built.data_version,
+            "as_of": built.as_of.isoformat(),
+            "path": dg.MetadataValue.path(str(built.path)),
+            "splits": dg.MetadataValue.json(built.split_summary),
+            "feature_refs": dg.MetadataValue.json(list(fr.MODEL_FEATURE_REFS)),
+        },
+        data_version=dg.DataVersion(built.data_version),
+    )
+    yield _check_result(report, "training_set", TRAINING_CHECK)
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"scikitlearn"},
+    deps=["training_set"],
+    description="HistGradientBoosting pipeline fitted on the train split; threshold chosen on validation.",
+)
+def trained_model(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+    from ml_platform.training.pipeline import train_candidate
+
+    candidate = train_candidate(feature_store.data_dir)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(candidate.path)),
+            "data_version": candidate.data_version,
+            "decision_threshold": candidate.contract.decision_threshold,
+            "train_seconds": round(candidate.train_seconds, 2),
+            "params": dg.MetadataValue.json(candidate.params),
+            "input_columns": dg.MetadataValue.json(list(candidate.contract.input_columns)),
+        }
+    )
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"scikitlearn"},
+    deps=["trained_model"],
+    description="ROC AUC, PR AUC, precision/recall/F1 at the threshold and calibration on the held-out test split.",
+)
+def model_evaluation(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+    from ml_platform.training.pipeline import evaluate_candidate
+
+    result = evaluate_candidate(feature_store.data_dir)
+    test = result["test"]
+    calibration = test.get("calibration") or []
+    return dg.MaterializeResult(
+        metadata={
+            **{k: dg.MetadataValue.float(float(test[k])) for k in ("roc_auc", "pr_auc", "precision", "recall",
+                                                                  "f1", "brier") if test.get(k) is not None},
+            "threshold": result["threshold"],
+            "test_rows": test.get("rows"),
+            "test_positives": test.get("positives"),
+            "validation": dg.MetadataValue.json({k: v for k, v in result["validation"].items() if k != "calibration"}),
+            "calibration": dg.MetadataValue.md(_calibration_md(calibration)),
+        }
+    )
+
+
+def _calibration_md(rows: list[dict]) -> str:
+    if not rows:
+        return "no calibration table"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"mlflow"},
+    deps=["model_evaluation"],
+    description="The candidate registered in MLflow with lineage as `challenger`; promoted to `champion` "
+    "only if it beats the champion on the same held-out data by the configured margin.",
+)
+def registered_model(feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource) -> dg.MaterializeResult:
+    from ml_platform.training.pipeline import register_candidate
+
+    out = register_candidate(
+        feature_store.data_dir, mlflow.registry(), metric=mlflow.promotion_metric, margin=mlflow.promotion_margin
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "model": out["model"],
+            "version": out["version"],
+            "run_id": out["run_id"],
+            "model_uri": out["model_uri"],
+            "champion_version": out["champion_version"],
+            "promoted": out["promoted"],
+            "reason": out["reason"],
+            "data_version": out["data_version"],
+            "tracking_uri": mlflow.tracking_uri,
+        }
+    )
