@@ -46,8 +46,10 @@ def main() -> None:
 def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float, seed: int,
          drift_start: str | None) -> None:
     """Generate demo data and materialize the whole asset graph through Dagster."""
-    if days < 7:
-        raise click.BadParameter(f"needs at least 7 days of history to split train/validation/test, got {days}",
+    if days < 21:
+        # Legit labels settle 7 days after the event and training may only use labels known at its
+        # cut, so shorter histories leave the train split without enough labelled rows.
+        raise click.BadParameter(f"needs at least 21 days of history to split train/validation/test, got {days}",
                                  param_hint="--days")
     settings = load_settings()
     prepare_dagster_home(settings)

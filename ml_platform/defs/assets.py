@@ -11,7 +11,11 @@ Each body is a few lines over the domain library; metadata makes every step insp
 
 import datetime as dt
 
+import warnings
+
 import dagster as dg
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 from ml_platform import features as fr
 from ml_platform.defs.resources import EventSourceResource, FeatureStoreResource, MLflowRegistryResource

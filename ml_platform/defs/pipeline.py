@@ -70,15 +70,21 @@ _SUMMARY_KEYS = {
 
 
 def run_training_pipeline(
-    settings: Settings, start: dt.date, end: dt.date, event_source: dict | None = None
+    settings: Settings,
+    start: dt.date,
+    end: dt.date,
+    event_source: dict | None = None,
+    instance: dg.DagsterInstance | None = None,
+    log_level: str = "INFO",
 ) -> PipelineOutcome:
     """Run `training_pipeline` in this process for the daily partitions start..end (one run),
     recorded in the Dagster instance at DAGSTER_HOME so it shows in the UI afterwards."""
     defs = build_definitions(settings, event_source)
     job = defs.resolve_job_def("training_pipeline")
-    instance = dg.DagsterInstance.get()
+    instance = instance or dg.DagsterInstance.get()
     result = job.execute_in_process(
         instance=instance,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         tags={RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()},
         raise_on_error=False,
     )
@@ -87,6 +93,8 @@ def run_training_pipeline(
     for event in result.all_events:
         if event.is_step_failure:
             err = event.step_failure_data.error
+            while err is not None and err.cause is not None:  # the user's error, not Dagster's wrapper
+                err = err.cause
             failure = f"step {event.step_key}: {err.message.strip() if err else event.message}"
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
