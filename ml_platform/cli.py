@@ -86,6 +86,24 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
 
 
 @main.command()
+@click.option("--reason", "-r", required=True, help="Why: recorded with the alias move in MLflow.")
+@click.option("--model", "model_name", default=None, help="Registered model (default: ML_PLATFORM_MODEL_NAME).")
+@click.option("--who", default=None, help="Who asks (default: the OS user).")
+def rollback(reason: str, model_name: str | None, who: str | None) -> None:
+    """Move `champion` back to the previous champion (one step; repeat to walk further back)."""
+    settings = load_settings()
+    from ml_platform.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.mlflow_tracking_uri, model_name or settings.model_name)
+    try:
+        from_version, to_version = registry.rollback(who=who, why=reason)
+    except (LookupError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{registry.model_name}: champion v{from_version} -> v{to_version} ({reason})")
+    click.echo("Running servers and stream workers pick the change up within seconds.")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
 def ui(host: str, port: int) -> None:

@@ -113,3 +113,30 @@ def test_raw_partition_has_the_contract_columns(trained_platform):
     assert {"transaction_id", "user_id", "merchant_id", "amount", "event_timestamp", "label_timestamp",
             "is_fraud"} <= set(frame.columns)
     assert str(frame["event_timestamp"].dtype) == "datetime64[us, UTC]"
+
+
+def test_rollback_job_moves_champion_back_and_records_why(trained_platform):
+    from ml_platform.defs.pipeline import rollback
+    from ml_platform.training.pipeline import load_training_set
+
+    settings, _ = trained_platform
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.model_name)
+    model, contract = registry.load_model("champion")
+    frame, version = load_training_set(settings.data_dir)
+    test = frame[frame["split"] == "test"].drop(columns=["split"])
+    new = registry.log_and_register(model, contract, metrics={}, params={}, data_version=version)
+    decision = registry.promote_if_better(new.version, test, who="test", why="same model again")
+    assert decision.promoted and registry.champion().version == new.version
+    previous = decision.champion_version_before
+
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("rollback")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            run_config={"ops": {"rollback_champion": {"config": {"reason": "bad canary", "who": "oncall"}}}},
+        )
+    assert result.success
+    assert registry.champion().version == previous
+    last = registry.alias_history("champion")[-1]
+    assert (last["alias"], last["to_version"], last["who"], last["why"]) == ("champion", previous, "oncall", "bad canary")

@@ -1,6 +1,5 @@
 """Jobs, schedules and the assembled Definitions; plus the in-process runner the CLI uses."""
 
-from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
@@ -8,7 +7,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from ml_platform.defs import assets as a
-from ml_platform.defs.resources import default_resources
+from ml_platform.defs.resources import MLflowRegistryResource, default_resources
 from ml_platform.settings import Settings, load_settings
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -22,6 +21,7 @@ ALL_ASSETS = [
     a.trained_model,
     a.model_evaluation,
     a.registered_model,
+    a.online_features,
 ]
 
 training_pipeline = dg.define_asset_job(
@@ -36,12 +36,30 @@ retrain_job = dg.define_asset_job(
 )
 
 
+class RollbackConfig(dg.Config):
+    reason: str
+    who: str = ""
+
+
+@dg.op(description="Move `champion` back to the previous champion, recording who/when/why in MLflow.")
+def rollback_champion(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MLflowRegistryResource) -> None:
+    registry = mlflow.registry()
+    who = config.who or f"dagster run {context.run_id}"
+    from_version, to_version = registry.rollback(who=who, why=config.reason)
+    context.log.info(f"champion of {registry.model_name}: v{from_version} -> v{to_version} ({config.reason})")
+
+
+@dg.job(description="One-step rollback: champion back to the previous champion (config: reason).")
+def rollback():
+    rollback_champion()
+
+
 def build_definitions(settings: Settings | None = None, event_source: dict | None = None) -> dg.Definitions:
     settings = settings or load_settings()
     overrides = {k: v for k, v in (event_source or {}).items() if v is not None}
     return dg.Definitions(
         assets=ALL_ASSETS,
-        jobs=[training_pipeline, retrain_job],
+        jobs=[training_pipeline, retrain_job, rollback],
         resources=default_resources(settings, **overrides),
     )
 

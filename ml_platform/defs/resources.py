@@ -20,6 +20,8 @@ class FeatureStoreResource(dg.ConfigurableResource):
     repo_path: str
     duckdb_threads: int | None = None
     duckdb_memory_limit: str | None = None
+    redis_url: str | None = None  # None: REDIS_URL, else the embedded redis-server under repo_path
+    project: str = "ml_platform"  # key prefix of the online store
 
     def store(self):
         from ml_platform.featurestore import FeatureStore
@@ -29,6 +31,8 @@ class FeatureStoreResource(dg.ConfigurableResource):
             self.repo_path,
             duckdb_threads=self.duckdb_threads,
             duckdb_memory_limit=self.duckdb_memory_limit,
+            redis_url=self.redis_url,
+            project=self.project,
         )
         store.apply([*ENTITIES, *FEATURE_VIEWS])
         return store
@@ -87,7 +91,9 @@ def default_resources(settings=None, **source_overrides) -> dict:
     """Resources built from settings (env vars with embedded defaults)."""
     settings = settings or load_settings()
     return {
-        "feature_store": FeatureStoreResource(repo_path=str(settings.data_dir)),
+        "feature_store": FeatureStoreResource(
+            repo_path=str(settings.data_dir), redis_url=settings.redis_url, project=settings.project
+        ),
         "mlflow": MLflowRegistryResource(
             tracking_uri=settings.mlflow_tracking_uri,
             model_name=settings.model_name,

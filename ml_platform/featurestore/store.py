@@ -59,9 +59,11 @@ class FeatureStore:
         duckdb_memory_limit: str | None = None,
         online_store=None,
         project: str = "ml_platform",
+        redis_url: str | None = None,
     ) -> None:
         self.repo_path = Path(repo_path).expanduser().resolve()
         self.project = project
+        self.redis_url = redis_url
         self._online = online_store
         self.duckdb_threads = duckdb_threads
         self.duckdb_memory_limit = duckdb_memory_limit
@@ -75,13 +77,15 @@ class FeatureStore:
 
     @property
     def online_store(self):
-        """The Redis online store (REDIS_URL, else the embedded redis-server), built on first use."""
+        """The Redis online store, built on first use: `redis_url`, else REDIS_URL, else the
+        embedded redis-server under <repo_path>/redis."""
         if self._online is None:
             from ml_platform.featurestore.online import RedisOnlineStore
-            from ml_platform.featurestore.redis_server import redis_client
+            from ml_platform.featurestore.redis_server import EmbeddedRedis, client_from_url
             from ml_platform.settings import load_settings
 
-            self._online = RedisOnlineStore(redis_client(load_settings()), self.project, views=self._views)
+            url = self.redis_url or load_settings().redis_url or EmbeddedRedis(self.repo_path).start()
+            self._online = RedisOnlineStore(client_from_url(url), self.project, views=self._views)
         return self._online
 
     def materialize(self, views=None, as_of: datetime | None = None, *, mode: str = "full") -> list[dict]:
