@@ -299,3 +299,42 @@ def online_features(config: OnlineMaterializationConfig, feature_store: FeatureS
             ),
         }
     )
+
+
+@dg.asset_check(
+    asset=online_features,
+    description="Samples entities and compares online values with the offline point-in-time values for the "
+    "same moment; any mismatch (training-serving skew) fails with examples.",
+)
+def online_offline_skew(feature_store: FeatureStoreResource) -> dg.AssetCheckResult:
+    from ml_platform.featurestore.skew import check_online_offline_skew
+
+    report = check_online_offline_skew(feature_store.store(), sample_size=200)
+    return dg.AssetCheckResult(
+        passed=report.ok,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=report.summary(),
+        metadata=report.to_metadata(),
+    )
+
+
+@dg.asset(
+    group_name="serving",
+    kinds={"duckdb"},
+    partitions_def=daily_partitions,
+    deps=["raw_transactions", "registered_model", *(v.name for v in fr.FEATURE_VIEWS if v.aggregations)],
+    description="Every transaction of the day scored by the champion into the DuckDB `predictions` table "
+    "(data/predictions.duckdb); each day is swapped in atomically.",
+)
+def batch_predictions(
+    context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource
+) -> dg.MaterializeResult:
+    from ml_platform.serving.batch import score_partition
+    from ml_platform.serving.scoring import load_champion
+
+    model = load_champion(mlflow.registry())
+    path = feature_store.data_dir / "predictions.duckdb"
+    out = score_partition(feature_store.store(), model, context.partition_key, path)
+    return dg.MaterializeResult(
+        metadata={k: v for k, v in out.items() if isinstance(v, (int, float, str)) and v is not None}
+    )

@@ -22,11 +22,12 @@ ALL_ASSETS = [
     a.model_evaluation,
     a.registered_model,
     a.online_features,
+    a.batch_predictions,
 ]
 
 training_pipeline = dg.define_asset_job(
     "training_pipeline",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("batch_predictions"),
     description="End to end: raw events -> validation -> features -> training set -> train -> evaluate -> register.",
 )
 retrain_job = dg.define_asset_job(
@@ -54,12 +55,24 @@ def rollback():
     rollback_champion()
 
 
+daily_scoring = dg.define_asset_job(
+    "daily_scoring",
+    selection=dg.AssetSelection.assets("raw_transactions", "batch_predictions", "online_features")
+    | dg.AssetSelection.groups("features"),
+    partitions_def=a.daily_partitions,
+    description="Ingest yesterday's events, refresh features offline and online, score the day in batch.",
+)
+daily_scoring_schedule = dg.build_schedule_from_partitioned_job(daily_scoring, hour_of_day=2)
+
+
 def build_definitions(settings: Settings | None = None, event_source: dict | None = None) -> dg.Definitions:
     settings = settings or load_settings()
     overrides = {k: v for k, v in (event_source or {}).items() if v is not None}
     return dg.Definitions(
         assets=ALL_ASSETS,
-        jobs=[training_pipeline, retrain_job, rollback],
+        asset_checks=[a.online_offline_skew],
+        jobs=[training_pipeline, retrain_job, rollback, daily_scoring],
+        schedules=[daily_scoring_schedule],
         resources=default_resources(settings, **overrides),
     )
 
