@@ -67,5 +67,6 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         mlflow_tracking_uri=tracking,
         redis_url=env.get("REDIS_URL") or None,
         model_name=env.get("ML_PLATFORM_MODEL_NAME") or "fraud_detector",
+        project=env.get("ML_PLATFORM_PROJECT") or "ml_platform",
         promotion_margin=float(margin) if margin else 0.0,
     )

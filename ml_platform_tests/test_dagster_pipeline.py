@@ -2,6 +2,8 @@
 the validation gate stops a bad batch before it can touch the champion."""
 
 import datetime as dt
+import os
+import uuid
 
 import dagster as dg
 import pandas as pd
@@ -38,12 +40,22 @@ def trained_platform(tmp_path_factory):
     """One real end-to-end run on small synthetic data (shared by the tests below)."""
     from ml_platform.settings import load_settings
 
+    from ml_platform.featurestore.online import RedisOnlineStore
+
     data = tmp_path_factory.mktemp("platform") / "data"
-    settings = load_settings({"ML_PLATFORM_DATA_DIR": str(data)})
+    project = f"test_pipeline_{uuid.uuid4().hex[:8]}"
+    settings = load_settings({
+        "ML_PLATFORM_DATA_DIR": str(data),
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "ML_PLATFORM_PROJECT": project,
+    })
     settings.ensure_dirs()
-    with dg.instance_for_test() as instance:
-        outcome = run_training_pipeline(settings, START, END, event_source=SMALL, instance=instance)
-    return settings, outcome
+    try:
+        with dg.instance_for_test() as instance:
+            outcome = run_training_pipeline(settings, START, END, event_source=SMALL, instance=instance)
+        yield settings, outcome
+    finally:
+        RedisOnlineStore(settings.redis_url, project).delete_project()
 
 
 def test_end_to_end_run_registers_a_champion_with_lineage(trained_platform):
@@ -66,6 +78,9 @@ def test_end_to_end_run_registers_a_champion_with_lineage(trained_platform):
     assert len(days) == (END - START).days + 1
     history = registry.alias_history()
     assert [h["alias"] for h in history][-1] == "champion"
+    # The online store was fed and agrees with the offline store (the skew check ran and passed).
+    assert meta["online_features"]["rows_written"] > 0
+    assert outcome.checks["online_offline_skew"] is True
 
 
 def test_bad_batch_is_stopped_by_the_gate_and_the_champion_stays(trained_platform, tmp_path):

@@ -83,12 +83,17 @@ class PipelineOutcome:
     run_id: str
     failure: str = ""
     metadata: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)  # check name -> passed
 
     def summary(self) -> str:
         lines = ["", "Asset graph materialized:"]
         for key, meta in self.metadata.items():
             shown = ", ".join(f"{k}={v}" for k, v in meta.items())
             lines.append(f"  {key}: {shown}")
+        if self.checks:
+            lines.append("Checks: " + ", ".join(f"{k} {'passed' if ok else 'FAILED'}" for k, ok in self.checks.items()))
+        if self.failure:
+            lines.append(f"Attention: {self.failure}")
         return "\n".join(lines)
 
 
@@ -97,6 +102,7 @@ _SUMMARY_KEYS = {
     "training_set": ("rows", "positives", "data_version"),
     "model_evaluation": ("roc_auc", "pr_auc", "f1", "threshold"),
     "registered_model": ("model", "version", "champion_version", "promoted", "reason"),
+    "online_features": ("rows_written", "rows_per_s"),
 }
 
 
@@ -121,6 +127,7 @@ def run_training_pipeline(
     )
     failure = ""
     metadata: dict = {}
+    checks: dict = {}
     for event in result.all_events:
         if event.is_step_failure:
             err = event.step_failure_data.error
@@ -129,6 +136,7 @@ def run_training_pipeline(
             failure = f"step {event.step_key}: {err.message.strip() if err else event.message}"
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
+            checks[evaluation.check_name] = evaluation.passed
             if not evaluation.passed:
                 failure = f"check {evaluation.check_name} failed: {evaluation.description}"
         elif event.is_step_materialization:
@@ -138,7 +146,7 @@ def run_training_pipeline(
             shown = {k: _plain(v) for k, v in mat.metadata.items() if k in wanted}
             if shown:
                 metadata[key] = shown
-    return PipelineOutcome(success=result.success, run_id=result.run_id, failure=failure, metadata=metadata)
+    return PipelineOutcome(success=result.success, run_id=result.run_id, failure=failure, metadata=metadata, checks=checks)
 
 
 def _plain(value):
