@@ -86,6 +86,44 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="uvicorn worker processes.")
+@click.option("--scorer", type=click.Choice(["auto", "treelite", "sklearn"]), default="auto", show_default=True,
+              help="auto: treelite where it matches scikit-learn on a parity sample, else scikit-learn.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(host: str, port: int, workers: int, scorer: str, log_level: str) -> None:
+    """Real-time prediction API: POST /predict, POST /predict/batch, GET /health, GET /metrics, /docs."""
+    from ml_platform.serving.api import ServingConfig, run_server
+
+    settings = load_settings()
+    click.echo(f"Serving {settings.model_name}@champion on http://{host}:{port} (docs: /docs)")
+    run_server(settings, host=host, port=port, workers=workers, config=ServingConfig(scorer=scorer),
+               log_level=log_level)
+
+
+@main.command()
+@click.option("--group", default="scorers", show_default=True, help="Consumer group shared by the workers.")
+@click.option("--consumer", default=None, help="This worker's name in the group (default: host-pid).")
+@click.option("--batch-size", default=500, show_default=True)
+@click.option("--until-idle", is_flag=True, help="Stop once the input stream is drained (for batch replays).")
+@click.option("--no-seed", is_flag=True, help="Do not fold recent raw history into cold feature state.")
+def stream(group: str, consumer: str | None, batch_size: int, until_idle: bool, no_seed: bool) -> None:
+    """Streaming prediction worker on Redis Streams (at-least-once, idempotent per event id)."""
+    import logging
+
+    from ml_platform.serving.stream import StreamConfig, run_worker, stream_names
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    config = StreamConfig(group=group, consumer=consumer, batch_size=batch_size, seed_history=not no_seed)
+    names = stream_names(settings.project, config)
+    click.echo(f"Reading {names.input} (group {group}) -> {names.output}; dead letters -> {names.dead_letter}")
+    stats = run_worker(settings, config, until_idle=until_idle)
+    click.echo(f"Stopped: {stats}")
+
+
+@main.command()
 @click.option("--reason", "-r", required=True, help="Why: recorded with the alias move in MLflow.")
 @click.option("--model", "model_name", default=None, help="Registered model (default: ML_PLATFORM_MODEL_NAME).")
 @click.option("--who", default=None, help="Who asks (default: the OS user).")
