@@ -338,3 +338,20 @@ def batch_predictions(
     return dg.MaterializeResult(
         metadata={k: v for k, v in out.items() if isinstance(v, (int, float, str)) and v is not None}
     )
+
+
+@dg.asset(
+    group_name="serving",
+    kinds={"redis", "parquet"},
+    description="The API's append-only prediction log (a Redis stream) drained into Parquet under "
+    "data/predictions_log/date=YYYY-MM-DD/ for monitoring and label joins; trims only what is on disk.",
+)
+def prediction_log(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+    from ml_platform.serving.prediction_log import drain_prediction_log, prediction_stream_key
+
+    out = drain_prediction_log(
+        feature_store.redis_client(),
+        prediction_stream_key(feature_store.project),
+        feature_store.data_dir / "predictions_log",
+    )
+    return dg.MaterializeResult(metadata={k: v for k, v in out.items() if v is not None})

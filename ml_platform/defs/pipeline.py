@@ -23,11 +23,12 @@ ALL_ASSETS = [
     a.registered_model,
     a.online_features,
     a.batch_predictions,
+    a.prediction_log,
 ]
 
 training_pipeline = dg.define_asset_job(
     "training_pipeline",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("batch_predictions"),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("batch_predictions", "prediction_log"),
     description="End to end: raw events -> validation -> features -> training set -> train -> evaluate -> register.",
 )
 retrain_job = dg.define_asset_job(
@@ -63,6 +64,8 @@ daily_scoring = dg.define_asset_job(
     description="Ingest yesterday's events, refresh features offline and online, score the day in batch.",
 )
 daily_scoring_schedule = dg.build_schedule_from_partitioned_job(daily_scoring, hour_of_day=2)
+drain_prediction_log_job = dg.define_asset_job("drain_prediction_log", selection=dg.AssetSelection.assets("prediction_log"))
+drain_prediction_log_schedule = dg.ScheduleDefinition(job=drain_prediction_log_job, cron_schedule="*/15 * * * *")
 
 
 def build_definitions(settings: Settings | None = None, event_source: dict | None = None) -> dg.Definitions:
@@ -71,8 +74,8 @@ def build_definitions(settings: Settings | None = None, event_source: dict | Non
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=[a.online_offline_skew],
-        jobs=[training_pipeline, retrain_job, rollback, daily_scoring],
-        schedules=[daily_scoring_schedule],
+        jobs=[training_pipeline, retrain_job, rollback, daily_scoring, drain_prediction_log_job],
+        schedules=[daily_scoring_schedule, drain_prediction_log_schedule],
         resources=default_resources(settings, **overrides),
     )
 

@@ -37,6 +37,13 @@ class FeatureStoreResource(dg.ConfigurableResource):
         store.apply([*ENTITIES, *FEATURE_VIEWS])
         return store
 
+    def redis_client(self):
+        """A Redis client on the online store's server (redis_url, REDIS_URL, else the embedded one)."""
+        from ml_platform.featurestore.redis_server import EmbeddedRedis, client_from_url
+        from ml_platform.settings import load_settings
+
+        return client_from_url(self.redis_url or load_settings().redis_url or EmbeddedRedis(self.repo_path).start())
+
     @property
     def data_dir(self) -> Path:
         return Path(self.repo_path)
