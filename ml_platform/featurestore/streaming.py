@@ -1,0 +1,959 @@
+"""Windowed aggregates kept up to date event by event, compiled from the same `Aggregation`
+declarations the offline SQL comes from (`ml_platform.featurestore.aggregation`).
+
+Semantics are the offline ones, function by function: the value of an aggregation at time t for
+an entity is `function(column)` over that entity's source rows with time in [t - window, t], both
+ends included (so rows with the same time are peers and see each other); rows with a NULL
+timestamp, join key or (for column aggregations) value are skipped exactly as in SQL.
+
+State: per entity one Redis string, the entity's *event buffer*: fixed-width records appended in
+arrival order (int64 time in µs, the value columns as float64 with NaN for NULL, extra integer
+keys, an 8-byte hash of the event id). Views reading the same source whose join keys extend
+another's share its buffers (a `BufferGroup`: user x merchant counts come from the card holder's
+buffer). APPEND is atomic, so several workers share a buffer, and because the state lives in
+Redis a restarted worker loses nothing. A record is a pure function of its event and records with
+the same entity, time and event id count once, so folding an event twice (a replay) never double
+counts. Records older than the entity's newest time minus the group's longest window minus
+`trim_slack` are garbage: a buffer is rewritten without its leading garbage once its first record
+is a further `trim_slack` older (garbage costs memory only, never correctness).
+
+From the buffer the updater answers three questions per folded event, each exactly:
+  * `before`: the features as the offline point-in-time join would look them up for this event
+    (at `features.feature_lookup_time(t)` = t - 1 µs: the aggregates at the entity's latest row
+    strictly before t, null when there is none within the view's TTL). Exact for in-order,
+    late (up to `trim_slack`) and replayed events alike, and for several events of one entity in
+    one batch.
+  * `at_event` (optional): the aggregates at the event's own time, i.e. the offline table's row.
+  * `latest`: per entity, the aggregates at its newest row, with that row's time as the event
+    timestamp: what the online store holds (written with `RedisOnlineStore.update_entities`).
+
+One Lua script call per batch appends each entity's new records, returns the bytes appended since
+this worker last read the buffer (`BufferCache`; the whole buffer on a first read), trims it when
+due and refreshes its expiry; the aggregates are then computed with numpy over all entities of
+the batch at once (each window query is two searchsorted calls over (entity, time) keys and a
+reduceat).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import redis
+
+from ml_platform.featurestore.definitions import AGGREGATION_FUNCTIONS, FeatureView, ValueType
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EVENT_ID = "event_id"
+EVENT_TIMESTAMP = "event_timestamp"  # the online store's time column
+LOOKUP_OFFSET_US = 1  # features.FEATURE_LOOKUP_OFFSET: looked-up features are read as of t - 1 µs
+DEFAULT_TRIM_SLACK = timedelta(days=1)
+
+# A buffer is a Redis string: an 8-byte header (the buffer's *epoch*, changed whenever the buffer
+# is rewritten) followed by the records. Appends keep every earlier byte in place, so a worker
+# that cached the first `known` bytes at epoch E only needs the bytes after `known` while the
+# epoch is still E; any rewrite (trim) or re-creation gives a new epoch and a full read.
+#
+# ARGV[1]: expiry in ms (0 = none); ARGV[2]: "1" to return the buffers; ARGV[3]: a nonce for new
+# epochs (< 2^36); ARGV[4]: one packed blob with, per buffer: key length (u16), key, record width
+# (u16), trim trigger and trim bound (int64 µs), the caller's cached epoch (int64, 0 = none) and
+# cached length (u32), whether to refresh the expiry (u8), the new records' length (u32), the new
+# records. (One blob instead of many
+# arguments: packing thousands of arguments cost the client more than the script costs Redis.)
+# Per buffer: APPEND the records (a new buffer gets its header first); return "d" + the bytes after
+# the caller's cached length if its epoch is current, else "f" + the whole buffer -- as it was
+# *before* any trim, so late events can still look back; if the first record is older than the
+# trigger, rewrite the buffer without its leading records older than the bound, under a new
+# epoch; PEXPIRE when asked (a worker refreshes a buffer's expiry at most every EXPIRY_REFRESH_S,
+# not on every append: the expiry is a month, and one call less per buffer is ~20% of the script).
+_FOLD_LUA = """
+local ttl = tonumber(ARGV[1])
+local want = ARGV[2] == '1'
+local nonce = tonumber(ARGV[3]) * 65536
+local blob = ARGV[4]
+local out = {}
+local pos = 1
+local k = 0
+while pos <= #blob do
+  k = k + 1
+  local klen, p = struct.unpack('<H', blob, pos)
+  local key = string.sub(blob, p, p + klen - 1)
+  local width, trigger, bound, epoch, known, refresh, nbytes
+  width, trigger, bound, epoch, known, refresh, nbytes, p = struct.unpack('<Hi8i8i8I4BI4', blob, p + klen)
+  local records = string.sub(blob, p, p + nbytes - 1)
+  pos = p + nbytes
+  local length = redis.call('APPEND', key, records)
+  if length == nbytes then
+    length = length + 8
+    redis.call('SET', key, struct.pack('<i8', nonce + k) .. records)
+    refresh = 1
+  end
+  local head, first = struct.unpack('<i8i8', redis.call('GETRANGE', key, 0, 15))
+  if not want then
+    out[k] = ''
+  elseif head == epoch and known >= 8 and known <= length then
+    out[k] = 'd' .. redis.call('GETRANGE', key, known, -1)
+  else
+    out[k] = 'f' .. redis.call('GET', key)
+  end
+  if first < trigger then
+    -- drop the leading records older than the bound (records arrive nearly in time order; a late
+    -- old record further in stays as harmless garbage until it leads)
+    local data = redis.call('GET', key)
+    local off = 9
+    while off <= #data and struct.unpack('<i8', data, off) < bound do off = off + width end
+    if off <= #data then
+      redis.call('SET', key, struct.pack('<i8', -(nonce + k)) .. string.sub(data, off))
+      refresh = 1
+    else
+      redis.call('DEL', key)
+      refresh = 0
+    end
+  end
+  if ttl > 0 and refresh == 1 then redis.call('PEXPIRE', key, ttl) end
+end
+return out
+"""
+_BUFFER_HEAD = struct.Struct("<HqqqIBI")
+EXPIRY_REFRESH_S = 3600.0
+_EPOCH = struct.Struct("<q")
+
+
+class BufferCache:
+    """A worker's copy of the buffers it has read: key -> (epoch, cached length, records), least
+    recently used evicted beyond `max_bytes`. Only the bytes appended since are then read."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        # key -> (epoch, cached length, records, when this worker last refreshed its expiry)
+        self._entries: OrderedDict[bytes, tuple[int, int, bytes, float]] = OrderedDict()
+
+    def known(self, key: bytes, now: float) -> tuple[int, int, int]:
+        """(cached epoch, cached length, 1 if the buffer's expiry is due for a refresh)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0, 0, 1
+        return entry[0], entry[1], int(now - entry[3] >= EXPIRY_REFRESH_S)
+
+    def update(self, key: bytes, reply: bytes, refreshed: int, now: float) -> bytes:
+        """Apply a script reply ("d" + appended bytes or "f" + whole buffer); returns the records."""
+        old = self._entries.pop(key, None)
+        if reply[:1] == b"d" and old is not None:
+            epoch, length, records = old[0], old[1] + len(reply) - 1, old[2] + reply[1:]
+        else:
+            epoch, length, records = _EPOCH.unpack_from(reply, 1)[0], len(reply) - 1, reply[9:]
+        if old is not None:
+            self.bytes -= len(old[2])
+        if self.max_bytes > 0:
+            self._entries[key] = (epoch, length, records, now if refreshed or old is None else old[3])
+            self.bytes += len(records)
+            while self.bytes > self.max_bytes and self._entries:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= len(evicted[2])
+        return records
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def to_us(value: Any) -> int | None:
+    """A timestamp (datetime, pandas Timestamp, ISO-8601 string, or int µs) as int µs since the
+    epoch, UTC; naive values are taken as UTC. None/NaT -> None."""
+    if value is None or value is pd.NaT:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, pd.Timestamp):
+        if value.tzinfo is None:
+            value = value.tz_localize("UTC")
+        return value.value // 1000
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        delta = value - EPOCH
+        return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    raise TypeError(f"not a timestamp: {value!r}")
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=int(us))
+
+
+def _us(span: timedelta) -> int:
+    return (span.days * 86400 + span.seconds) * 1_000_000 + span.microseconds
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+@dataclass(frozen=True)
+class CompiledAggregation:
+    """One declaration ready for the vectorized evaluation: output name, function, the index of
+    its value column in the buffer (None for count(*)) and of its window in the view's windows."""
+
+    name: str
+    function: str
+    column: int | None
+    window: int
+
+
+@dataclass(frozen=True)
+class CompiledView:
+    """A feature view's aggregations compiled against the buffer group that holds its rows."""
+
+    view: FeatureView
+    group: str  # the BufferGroup whose buffers hold this view's rows
+    join_keys: tuple[str, ...]
+    extra_keys: tuple[str, ...]  # join keys beyond the group's (stored in each record)
+    timestamp_field: str
+    windows_us: tuple[int, ...]  # distinct windows, ascending
+    aggregations: tuple[CompiledAggregation, ...]
+    ttl_us: int | None
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    @property
+    def max_window_us(self) -> int:
+        return self.windows_us[-1]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [a.name for a in self.aggregations]
+
+
+@dataclass(frozen=True)
+class BufferGroup:
+    """Views whose rows come from one source with one time field and whose join keys extend the
+    group's base keys: one buffer per base entity holds the rows of all of them (e.g. the card
+    holder's buffer also answers user x merchant counts), so an event touches one key, not one
+    per view. Records: time, the group's value columns, the extra (integer) keys, event-id hash."""
+
+    name: str
+    base_keys: tuple[str, ...]
+    extra_keys: tuple[str, ...]
+    timestamp_field: str
+    value_columns: tuple[str, ...]
+    keep_window_us: int  # the longest window of its views: what a buffer must hold
+    views: tuple[str, ...]
+    record_dtype: np.dtype = field(compare=False)
+
+    @property
+    def layout_id(self) -> str:
+        """Identifies the record layout: a changed layout starts new buffers instead of misreading old ones."""
+        body = "|".join(
+            [
+                ",".join(self.base_keys),
+                ",".join(self.extra_keys),
+                self.timestamp_field,
+                ",".join(self.value_columns),
+            ]
+        )
+        return hashlib.sha1(body.encode()).hexdigest()[:8]
+
+
+def _is_int_key(view: FeatureView, key: str) -> bool:
+    kind = next(e.value_type for e in view.entities if key in e.join_keys)
+    return kind in (ValueType.Int64, ValueType.Int32)
+
+
+def compile_views(views: Iterable[FeatureView]) -> tuple[dict[str, CompiledView], dict[str, BufferGroup]]:
+    """Compile the aggregated views and assign each to a buffer group: a view joins an existing
+    group when it reads the same source with the same time field, its join keys include the
+    group's base keys (the others being integers) and its longest window fits the group's."""
+    aggregated = [v for v in views if v.aggregations]
+    specs: list[dict[str, Any]] = []
+    assignment: dict[str, dict[str, Any]] = {}
+    for view in sorted(aggregated, key=lambda v: len(v.join_keys)):
+        longest = max(_us(a.window) for a in view.aggregations)
+        source = (view.source.path, view.source.timestamp_field)
+        chosen = None
+        for spec in specs:
+            extra = [k for k in view.join_keys if k not in spec["base"]]
+            if (
+                spec["source"] == source
+                and set(spec["base"]) <= set(view.join_keys)
+                and longest <= spec["keep"]
+                and all(_is_int_key(view, k) for k in extra)
+            ):
+                chosen = spec
+                break
+        if chosen is None:
+            chosen = {
+                "name": view.name,
+                "base": tuple(view.join_keys),
+                "source": source,
+                "keep": longest,
+                "views": [],
+                "extra": [],
+            }
+            specs.append(chosen)
+        chosen["views"].append(view)
+        chosen["extra"] += [k for k in view.join_keys if k not in chosen["base"] and k not in chosen["extra"]]
+        assignment[view.name] = chosen
+    groups: dict[str, BufferGroup] = {}
+    for spec in specs:
+        columns = tuple(dict.fromkeys(a.column for v in spec["views"] for a in v.aggregations if a.column))
+        fields: list[tuple] = [("ts", "<i8")]
+        if columns:
+            fields.append(("v", "<f8", (len(columns),)))
+        if spec["extra"]:
+            fields.append(("x", "<i8", (len(spec["extra"]),)))
+        fields.append(("id", "V8"))
+        groups[spec["name"]] = BufferGroup(
+            name=spec["name"],
+            base_keys=spec["base"],
+            extra_keys=tuple(spec["extra"]),
+            timestamp_field=spec["source"][1],
+            value_columns=columns,
+            keep_window_us=spec["keep"],
+            views=tuple(v.name for v in spec["views"]),
+            record_dtype=np.dtype(fields),
+        )
+    compiled: dict[str, CompiledView] = {}
+    for view in aggregated:
+        group = groups[assignment[view.name]["name"]]
+        windows = tuple(sorted({_us(a.window) for a in view.aggregations}))
+        aggs = tuple(
+            CompiledAggregation(
+                name=a.feature_name,
+                function=a.function,
+                column=None if a.column is None else group.value_columns.index(a.column),
+                window=windows.index(_us(a.window)),
+            )
+            for a in view.aggregations
+            if a.function in AGGREGATION_FUNCTIONS
+        )
+        compiled[view.name] = CompiledView(
+            view=view,
+            group=group.name,
+            join_keys=tuple(view.join_keys),
+            extra_keys=tuple(k for k in view.join_keys if k not in group.base_keys),
+            timestamp_field=view.source.timestamp_field,
+            windows_us=windows,
+            aggregations=aggs,
+            ttl_us=_us(view.ttl) if view.ttl else None,
+        )
+    return compiled, groups
+
+
+# --------------------------------------------------------------------------- the updater
+
+
+@dataclass
+class FoldResult:
+    """What folding a batch of events produced, per view.
+
+    before[view][feature]: float64 array aligned with the events (NaN = null, including events
+        the view does not apply to): the point-in-time features for scoring each event.
+    found[view]: bool array, True where the event had a row of the view within its TTL before it.
+    applies[view]: bool array, True where the event was folded into the view.
+    at_event[view][feature]: like `before`, the aggregates at the event's own time (only when
+        asked for).
+    latest[view]: a table for `RedisOnlineStore.update_entities`: join keys, `event_timestamp`
+        (the entity's newest row time) and every feature (NULL = null), one row per touched entity.
+    """
+
+    before: dict[str, dict[str, np.ndarray]]
+    found: dict[str, np.ndarray]
+    applies: dict[str, np.ndarray]
+    at_event: dict[str, dict[str, np.ndarray]]
+    latest: dict[str, pa.Table]
+
+
+_NULL_KEY = np.iinfo(np.int64).min  # an extra key that is NULL: the record is no row of that view
+
+
+class StreamingUpdater:
+    """Incremental windowed features for `views` (their aggregated ones), state in Redis under
+    `<project>:stream:state:`. `trim_slack`: history kept beyond the longest window so late or
+    replayed events still get exact values; `state_expiry`: an idle entity's buffer expires after
+    the longest window + slack + this (wall clock), None to keep buffers until trimmed;
+    `cache_bytes`: the worker-side copy of buffers (only appended bytes are then read; 0 = off)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        project: str,
+        views: Iterable[FeatureView],
+        *,
+        trim_slack: timedelta = DEFAULT_TRIM_SLACK,
+        state_expiry: timedelta | None = timedelta(0),
+        cache_bytes: int = 256 * 2**20,
+    ) -> None:
+        if not project or any(c in project for c in "*?[]\\ :"):
+            raise ValueError(f"project {project!r} must be non-empty without spaces, ':' or glob characters")
+        self.client = client
+        self.project = project
+        self.compiled, self.groups = compile_views(views)
+        if not self.compiled:
+            raise ValueError("StreamingUpdater needs at least one feature view with aggregations")
+        self.trim_slack_us = _us(trim_slack)
+        self.state_expiry = state_expiry
+        self.cache = BufferCache(cache_bytes)
+        self._script = client.register_script(_FOLD_LUA)
+
+    # ---- keys
+
+    @property
+    def state_prefix(self) -> str:
+        return f"{self.project}:stream:state:"
+
+    def _key_prefix(self, group: BufferGroup) -> str:
+        return f"{self.state_prefix}{group.name}:{group.layout_id}:"
+
+    def buffer_key(self, view: str, entity: Mapping[str, Any]) -> str:
+        """The Redis key of the buffer holding `entity`'s rows of `view` (base join key values
+        joined with ':')."""
+        group = self.groups[self.compiled[view].group]
+        return self._key_prefix(group) + ":".join(_key_part(entity[k]) for k in group.base_keys)
+
+    def _expiry_ms(self, group: BufferGroup) -> int:
+        if self.state_expiry is None:
+            return 0
+        return (group.keep_window_us + self.trim_slack_us + _us(self.state_expiry)) // 1000
+
+    # ---- folding
+
+    def fold(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        views: Iterable[str] | None = None,
+        *,
+        with_event_values: bool = False,
+        compute: bool = True,
+    ) -> FoldResult:
+        """Fold `events` into the buffers of every applicable view and compute the features.
+
+        An event is a dict with `event_id` (str), the join keys, each view's timestamp field as int
+        µs since the epoch (None = not a row of that view) and the value columns (None/NaN = NULL);
+        `events_from_frame` builds them from a DataFrame. An event is a row of a view when it has
+        the view's timestamp and join keys. `compute=False` only folds (seeding).
+        """
+        wanted = list(views) if views is not None else list(self.compiled)
+        unknown = [v for v in wanted if v not in self.compiled]
+        if unknown:
+            raise ValueError(
+                f"no aggregated feature view {unknown}; the updater knows {sorted(self.compiled)}"
+            )
+        group_names = list(dict.fromkeys(self.compiled[v].group for v in wanted))
+        id_hashes = [event_id_hash(e[EVENT_ID]) for e in events]
+        now = time.monotonic()
+        refreshes: list[int] = []
+        plans = []
+        parts: list[bytes] = []
+        names: list[bytes] = []
+        expiry = 0
+        for group_name in group_names:
+            group = self.groups[group_name]
+            ts_field, base = group.timestamp_field, group.base_keys
+            if len(base) == 1:
+                k0 = base[0]
+                rows = [
+                    i for i, e in enumerate(events) if e.get(ts_field) is not None and e.get(k0) is not None
+                ]
+            else:
+                rows = [
+                    i
+                    for i, e in enumerate(events)
+                    if e.get(ts_field) is not None and all(e.get(k) is not None for k in base)
+                ]
+            if not rows:
+                plans.append((group, rows, [], len(names)))
+                continue
+            chosen = [events[i] for i in rows]
+            records = _records(group, chosen, [id_hashes[i] for i in rows])
+            width = group.record_dtype.itemsize
+            prefix = self._key_prefix(group)
+            if len(base) == 1:
+                k0 = base[0]
+                keys = [prefix + _key_part(e[k0]) for e in chosen]
+            else:
+                keys = [prefix + ":".join([_key_part(e[k]) for k in base]) for e in chosen]
+            entity_of: dict[str, int] = {}
+            entity_rows: list[list[int]] = []
+            for j, key in enumerate(keys):
+                slot = entity_of.get(key)
+                if slot is None:
+                    entity_of[key] = len(entity_rows)
+                    entity_rows.append([j])
+                else:
+                    entity_rows[slot].append(j)
+            keep_us = group.keep_window_us + self.trim_slack_us
+            for key, js in zip(entity_of, entity_rows):
+                bound = max([chosen[j][ts_field] for j in js]) - keep_us
+                name = key.encode()
+                names.append(name)
+                epoch, known, refresh = self.cache.known(name, now) if compute else (0, 0, 1)
+                refreshes.append(refresh)
+                if len(js) == 1:
+                    new = records[js[0] * width : (js[0] + 1) * width]
+                else:
+                    new = b"".join([records[j * width : (j + 1) * width] for j in js])
+                parts += [
+                    len(name).to_bytes(2, "little"),
+                    name,
+                    _BUFFER_HEAD.pack(
+                        width, bound - self.trim_slack_us, bound, epoch, known, refresh, len(new)
+                    ),
+                    new,
+                ]
+            expiry = max(expiry, self._expiry_ms(group))
+            plans.append((group, rows, entity_rows, len(names)))
+        replies = []
+        if parts:
+            nonce = secrets.randbelow(2**36 - 1) + 1
+            replies = self._script(keys=[], args=[expiry, b"1" if compute else b"0", nonce, b"".join(parts)])
+        result = FoldResult({}, {}, {}, {}, {})
+        if not compute:
+            return result
+        blobs = [self.cache.update(name, reply, r, now) for name, reply, r in zip(names, replies, refreshes)]
+        start = 0
+        for group, rows, entity_rows, stop in plans:
+            members = [self.compiled[v] for v in group.views if v in wanted]
+            _evaluate_group(
+                group, members, events, rows, entity_rows, blobs[start:stop], with_event_values, result
+            )
+            start = stop
+        return result
+
+    # ---- housekeeping
+
+    def delete_state(self) -> int:
+        """Delete every buffer of this project (tests, a full reset). Returns keys deleted."""
+        self.cache.clear()
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=self.state_prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += self.client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += self.client.unlink(*batch)
+        return deleted
+
+    def seed(self, events: Iterable[Mapping[str, Any]], *, batch_size: int = 5000) -> int:
+        """Fold historical events into the buffers without computing features (a cold start: the
+        online store already holds their values from the offline materialization). Returns rows."""
+        total = 0
+        batch: list[Mapping[str, Any]] = []
+        for event in events:
+            batch.append(event)
+            if len(batch) >= batch_size:
+                self.fold(batch, compute=False)
+                total += len(batch)
+                batch = []
+        if batch:
+            self.fold(batch, compute=False)
+            total += len(batch)
+        return total
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _key_part(value: Any) -> str:
+    if isinstance(value, str):
+        return value.replace("%", "%25").replace(":", "%3A")
+    return str(int(value))
+
+
+def event_id_hash(event_id: str) -> bytes:
+    """8 bytes identifying an event inside a buffer record."""
+    return hashlib.blake2b(str(event_id).encode(), digest_size=8).digest()
+
+
+def _records(group: BufferGroup, events: Sequence[Mapping[str, Any]], id_hashes: list[bytes]) -> bytes:
+    """The events' buffer records, concatenated: time, value columns (NaN = NULL), extra keys
+    (NULL = _NULL_KEY), event-id hash."""
+    n = len(events)
+    rec = np.zeros(n, group.record_dtype)
+    rec["ts"] = [e[group.timestamp_field] for e in events]
+    if group.value_columns:
+        cols = group.value_columns
+        if len(cols) == 1:
+            c = cols[0]
+            rec["v"][:, 0] = [_float_or_nan(e.get(c)) for e in events]
+        else:
+            rec["v"] = np.array(
+                [[_float_or_nan(e.get(c)) for c in cols] for e in events], dtype="<f8"
+            ).reshape(n, len(cols))
+    for j, k in enumerate(group.extra_keys):
+        rec["x"][:, j] = [_NULL_KEY if e.get(k) is None else e[k] for e in events]
+    rec["id"] = np.frombuffer(b"".join(id_hashes), "V8")
+    return rec.tobytes()
+
+
+def _float_or_nan(value: Any) -> float:
+    if value is None or value is pd.NA:
+        return math.nan
+    return float(value)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _evaluate_group(
+    group: BufferGroup,
+    views: list[CompiledView],
+    events: Sequence[Mapping[str, Any]],
+    rows: list[int],
+    entity_rows: list[list[int]],
+    blobs: list[bytes],
+    with_event_values: bool,
+    out: FoldResult,
+) -> None:
+    """Decode a group's buffers (all its entities of the batch at once: concatenated, sorted by
+    (entity, time), deduplicated by (entity, time, event id)), then compute each view's values."""
+    n = len(events)
+    for cv in views:
+        out.applies[cv.name] = np.zeros(n, bool)
+        out.found[cv.name] = np.zeros(n, bool)
+        out.before[cv.name] = {name: np.full(n, np.nan) for name in cv.feature_names}
+        if with_event_values:
+            out.at_event[cv.name] = {name: np.full(n, np.nan) for name in cv.feature_names}
+    if not rows:
+        for cv in views:
+            out.latest[cv.name] = _latest_table(cv, {}, np.empty(0, np.int64), [])
+        return
+    width = group.record_dtype.itemsize
+    if any(len(b) % width for b in blobs):
+        raise RuntimeError(
+            f"stream state of buffer group {group.name!r} has records of an unexpected size; "
+            f"delete its buffers ({group.name}:{group.layout_id}) and seed them again"
+        )
+    counts = np.fromiter((len(b) // width for b in blobs), np.int64, len(blobs))
+    raw = np.frombuffer(b"".join(blobs), group.record_dtype)
+    n_slots = len(blobs)
+    slot = np.repeat(np.arange(n_slots, dtype=np.int64), counts)
+    ev_index = np.asarray(rows, np.int64)
+    ev_slot = np.empty(len(rows), np.int64)
+    for s, js in enumerate(entity_rows):
+        ev_slot[js] = s
+    ev_ts = np.fromiter((events[i][group.timestamp_field] for i in rows), np.int64, len(rows))
+    raw_ts = raw["ts"].astype(np.int64)
+    keys = _SearchKeys(
+        n_slots,
+        min(int(raw_ts.min()), int(ev_ts.min())) - group.keep_window_us - 1,
+        max(int(raw_ts.max()), int(ev_ts.max())),
+        group.name,
+    )
+
+    # Sort by (entity, time) -- usually already so: appends follow event time -- and count a
+    # record seen twice (same entity, time and event id: a replay) once.
+    raw_key = keys.of(slot, raw_ts)
+    order = None
+    steps = np.diff(raw_key)
+    if len(steps) and steps.min() <= 0:
+        ties = True
+        if steps.min() < 0:
+            order = np.argsort(raw_key, kind="stable")
+            ties = bool((np.diff(raw_key[order]) == 0).any())
+        if ties:
+            ids = raw["id"].view("<u8")
+            order = np.lexsort((ids, raw_key))
+            k_sorted, ids = raw_key[order], ids[order]
+            unique = np.ones(len(order), bool)
+            unique[1:] = (k_sorted[1:] != k_sorted[:-1]) | (ids[1:] != ids[:-1])
+            order = order[unique]
+    take = (lambda a: a[order]) if order is not None else (lambda a: a)
+    buf_key, ts, slot = take(raw_key), take(raw_ts), take(slot)
+    values = take(raw["v"].reshape(len(raw), len(group.value_columns))) if group.value_columns else None
+    extras = take(raw["x"].reshape(len(raw), len(group.extra_keys))) if group.extra_keys else None
+
+    for cv in views:
+        applies = np.ones(len(rows), bool)
+        for k in cv.extra_keys:
+            applies &= np.fromiter((events[i].get(k) is not None for i in rows), bool, len(rows))
+        out.applies[cv.name][ev_index[applies]] = True
+        if not cv.extra_keys:
+            latest_slots = np.arange(n_slots, dtype=np.int64)
+            latest_events = [events[rows[js[0]]] for js in entity_rows]
+            _view_values(
+                cv,
+                keys,
+                buf_key,
+                ts,
+                _ValueColumns(values),
+                ev_index,
+                ev_slot,
+                ev_ts,
+                latest_slots,
+                latest_events,
+                with_event_values,
+                out,
+            )
+            continue
+        if not applies.any():
+            out.latest[cv.name] = _latest_table(cv, {}, np.empty(0, np.int64), [])
+            continue
+        # A finer view (e.g. user x merchant in the user's buffer): its entities are the distinct
+        # (buffer, extra keys) pairs; records of other entities are filtered by the extra keys.
+        positions = [group.extra_keys.index(k) for k in cv.extra_keys]
+        rec_x = extras[:, positions]
+        keep = (rec_x != _NULL_KEY).all(axis=1)
+        sel_rows = [rows[j] for j in np.flatnonzero(applies)]
+        ev_x = np.array([[events[i][k] for k in cv.extra_keys] for i in sel_rows], dtype=np.int64).reshape(
+            len(sel_rows), -1
+        )
+        # Entity ids by one lexsort over (buffer, extra keys, time) of the records and the events.
+        n_rec = int(keep.sum())
+        c_slot = np.concatenate([slot[keep], ev_slot[applies]])
+        c_x = np.concatenate([rec_x[keep], ev_x])
+        c_ts = np.concatenate([ts[keep], ev_ts[applies]])
+        order = np.lexsort((c_ts, *[c_x[:, j] for j in range(c_x.shape[1] - 1, -1, -1)], c_slot))
+        s_slot, s_x = c_slot[order], c_x[order]
+        change = np.ones(len(order), bool)
+        change[1:] = (s_slot[1:] != s_slot[:-1]) | (s_x[1:] != s_x[:-1]).any(axis=1)
+        fine = np.empty(len(order), np.int64)
+        fine[order] = np.cumsum(change) - 1
+        fine_rec, fine_ev = fine[:n_rec], fine[n_rec:]
+        rec_order = order[order < n_rec]  # the records in (entity, time) order
+        fine_keys = _SearchKeys(int(change.sum()), keys.lowest, keys.highest, cv.name)
+        rec_ts = ts[keep][rec_order]
+        f_key = fine_keys.of(fine_rec[rec_order], rec_ts)
+        f_values = values[keep][rec_order] if values is not None else None
+        touched, first = np.unique(fine_ev, return_index=True)
+        sel_index = ev_index[applies]
+        latest_events = [events[int(sel_index[j])] for j in first]
+        _view_values(
+            cv,
+            fine_keys,
+            f_key,
+            rec_ts,
+            _ValueColumns(f_values),
+            sel_index,
+            fine_ev,
+            ev_ts[applies],
+            touched,
+            latest_events,
+            with_event_values,
+            out,
+        )
+
+
+class _SearchKeys:
+    """(entity, time) packed into one sortable int64: entity in the high bits, time offset low."""
+
+    def __init__(self, n_entities: int, lowest: int, highest: int, what: str):
+        self.lowest, self.highest = lowest, highest
+        self.shift = max(1, (highest - lowest + 1).bit_length())
+        if self.shift + max(1, int(n_entities).bit_length()) > 62:
+            raise ValueError(
+                f"{what}: event times span too wide a range to evaluate in one batch "
+                f"({from_us(lowest)} .. {from_us(highest)})"
+            )
+
+    def of(self, entity: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        return (entity << self.shift) | (ts - self.lowest)
+
+
+def _view_values(
+    cv: CompiledView,
+    keys: _SearchKeys,
+    buf_key: np.ndarray,
+    ts: np.ndarray,
+    columns: _ValueColumns,
+    ev_index: np.ndarray,
+    ev_ent: np.ndarray,
+    ev_ts: np.ndarray,
+    latest_ents: np.ndarray,
+    latest_events: list,
+    with_event_values: bool,
+    out: FoldResult,
+) -> None:
+    """One view's before / at-event / latest values from its entities' sorted rows."""
+    names = cv.feature_names
+    seg_start = np.searchsorted(buf_key, ev_ent << keys.shift, side="left")
+    # before: the entity's latest row strictly before t (i.e. at or before t - 1 µs), within TTL.
+    prev = np.searchsorted(buf_key, keys.of(ev_ent, ev_ts), side="left") - 1
+    has_prev = prev >= seg_start
+    prev_ts = np.where(has_prev, ts[np.maximum(prev, 0)], 0)
+    found = has_prev
+    if cv.ttl_us:
+        found = found & (prev_ts >= ev_ts - LOOKUP_OFFSET_US - cv.ttl_us)
+    out.found[cv.name][ev_index] = found
+    if found.any():
+        sel = np.flatnonzero(found)
+        vals = _aggregates_at(cv, buf_key, columns, keys, ev_ent[sel], prev_ts[sel])
+        before = out.before[cv.name]
+        for name in names:
+            before[name][ev_index[sel]] = vals[name]
+    if with_event_values:
+        vals = _aggregates_at(cv, buf_key, columns, keys, ev_ent, ev_ts)
+        at_event = out.at_event[cv.name]
+        for name in names:
+            at_event[name][ev_index] = vals[name]
+    # latest: per touched entity, the aggregates at its newest row (the online store's value).
+    seg_end = np.searchsorted(buf_key, (latest_ents + 1) << keys.shift, side="left")
+    last_ts = ts[seg_end - 1]
+    vals = _aggregates_at(cv, buf_key, columns, keys, latest_ents, last_ts)
+    out.latest[cv.name] = _latest_table(cv, vals, last_ts, latest_events)
+
+
+def _latest_table(
+    cv: CompiledView, vals: dict[str, np.ndarray], last_ts: np.ndarray, first_events: list
+) -> pa.Table:
+    """The online store's rows: join keys, event_timestamp, features (NULL where NaN)."""
+    columns: dict[str, pa.Array] = {}
+    for k in cv.join_keys:
+        typ = pa.int64() if _is_int_key(cv.view, k) else pa.string()
+        columns[k] = pa.array([e[k] for e in first_events], typ)
+    columns[EVENT_TIMESTAMP] = pa.array(last_ts.astype("datetime64[us]"), pa.timestamp("us", tz="UTC"))
+    for a in cv.aggregations:
+        v = vals.get(a.name, np.empty(0))
+        mask = np.isnan(v)
+        if a.function == "count":
+            columns[a.name] = pa.array(
+                np.where(mask, 0, v).astype(np.int64), pa.int64(), mask=mask if mask.any() else None
+            )
+        else:
+            columns[a.name] = pa.array(v, pa.float64(), mask=mask if mask.any() else None)
+    return pa.table(columns)
+
+
+class _ValueColumns:
+    """The buffer's value columns with what the window functions need, built once per batch and
+    shared by every query: per column, whether it has NULLs, the prefix count of non-NULL values
+    and the column padded with the neutral element of sum / max / min (so reduceat may index the
+    end of the array)."""
+
+    def __init__(self, values: np.ndarray | None):
+        self.values = values
+        self._cache: dict[tuple, Any] = {}
+
+    def nulls(self, c: int) -> bool:
+        k = ("nulls", c)
+        if k not in self._cache:
+            self._cache[k] = bool(np.isnan(self.values[:, c]).any())
+        return self._cache[k]
+
+    def present_prefix(self, c: int) -> np.ndarray:
+        k = ("prefix", c)
+        if k not in self._cache:
+            notnull = ~np.isnan(self.values[:, c])
+            self._cache[k] = np.concatenate([[0], np.cumsum(notnull, dtype=np.int64)])
+        return self._cache[k]
+
+    def padded(self, c: int, neutral: float) -> np.ndarray:
+        k = ("padded", c, neutral)
+        if k not in self._cache:
+            col = self.values[:, c]
+            out = np.empty(len(col) + 1)
+            out[:-1] = np.where(np.isnan(col), neutral, col) if self.nulls(c) else col
+            out[-1] = neutral
+            self._cache[k] = out
+        return self._cache[k]
+
+
+_REDUCE = {
+    "sum": (np.add, 0.0),
+    "mean": (np.add, 0.0),
+    "max": (np.maximum, -np.inf),
+    "min": (np.minimum, np.inf),
+}
+
+
+def _aggregates_at(
+    cv: CompiledView,
+    buf_key: np.ndarray,
+    columns: _ValueColumns,
+    keys: _SearchKeys,
+    q_ent: np.ndarray,
+    q_ts: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Every aggregation of the view at instants `q_ts` of entities `q_ent`: over the rows with
+    time in [q - window, q]. Returns float64 arrays (NaN = NULL), the SQL functions' semantics:
+    count(*) counts rows, count(col) non-NULL values, sum/mean/min/max are NULL without values.
+    Sums are sequential over each window (reduceat), not prefix differences, so they round like
+    SQL's sum rather than accumulate cancellation error."""
+    m = len(q_ts)
+    hi = np.searchsorted(buf_key, keys.of(q_ent, q_ts), side="right")
+    results: dict[str, np.ndarray] = {}
+    for w_index, window in enumerate(cv.windows_us):
+        aggs = [a for a in cv.aggregations if a.window == w_index]
+        if not aggs:
+            continue
+        lo = np.searchsorted(buf_key, keys.of(q_ent, q_ts - window), side="left")
+        rows_in = (hi - lo).astype(np.float64)
+        pairs = np.empty(2 * m, np.int64)
+        pairs[0::2], pairs[1::2] = lo, hi
+        reduced: dict[tuple, np.ndarray] = {}
+        for a in aggs:
+            if a.column is None:
+                results[a.name] = rows_in
+                continue
+            if columns.nulls(a.column):
+                prefix = columns.present_prefix(a.column)
+                present = (prefix[hi] - prefix[lo]).astype(np.float64)
+            else:
+                present = rows_in
+            if a.function == "count":
+                results[a.name] = present
+                continue
+            ufunc, neutral = _REDUCE[a.function]
+            rk = (ufunc, a.column)
+            if rk not in reduced:
+                reduced[rk] = (
+                    ufunc.reduceat(columns.padded(a.column, neutral), pairs)[0::2] if m else np.empty(0)
+                )
+            value = reduced[rk]
+            empty = present == 0
+            if a.function == "mean":
+                value = value / np.where(empty, 1.0, present)
+            results[a.name] = np.where(empty, np.nan, value)
+    return results
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def events_from_frame(
+    frame: pd.DataFrame,
+    views: Iterable[FeatureView],
+    *,
+    id_column: str = "transaction_id",
+) -> list[dict[str, Any]]:
+    """Events for `StreamingUpdater.fold` from a DataFrame of raw source rows (e.g. the raw
+    transactions): event id, join keys, each view's timestamp field as int µs (NaT -> None) and
+    the value columns (NA -> None). Rows keep the frame's order."""
+    views = list(views)
+    columns: list[str] = []
+    times: list[str] = []
+    for v in views:
+        columns += list(v.join_keys)
+        if v.source.timestamp_field not in times:
+            times.append(v.source.timestamp_field)
+        columns += [a.column for a in v.aggregations if a.column]
+    columns = [c for c in dict.fromkeys(columns) if c not in times]
+    missing = [c for c in [id_column, *columns, *times] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"events frame lacks columns {missing}; it has {list(frame.columns)}")
+    data: dict[str, list] = {EVENT_ID: frame[id_column].astype(str).tolist()}
+    for c in columns:
+        s = frame[c]
+        data[c] = [None if pd.isna(x) else x for x in s.astype(object).tolist()]
+    for c in times:
+        s = pd.to_datetime(frame[c], utc=True)
+        nat = s.isna().to_numpy()
+        us = s.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").astype(np.int64)
+        data[c] = [None if missing_ts else u for u, missing_ts in zip(us.tolist(), nat.tolist())]
+    keys = list(data)
+    return [dict(zip(keys, values)) for values in zip(*data.values())]

@@ -1,0 +1,241 @@
+"""Batch scoring of a daily partition into the DuckDB predictions table: the same scores as the
+model on point-in-time features, an all-or-nothing swap per day, idempotent re-runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+from threadpoolctl import threadpool_limits
+
+from ml_platform import features as fr
+from ml_platform.serving.batch import (
+    PREDICTION_COLUMNS,
+    PredictionsLockedError,
+    read_predictions,
+    read_scored_days,
+    score_partition,
+)
+from ml_platform.serving.scoring import LoadedModel, assemble_features, load_champion
+
+try:
+    from fixtures_platform import tiny_platform  # a pytest fixture, used by name
+except ImportError:  # ml_platform_tests imported as a package
+    from ml_platform_tests.fixtures_platform import tiny_platform  # noqa: F401
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with threadpool_limits(limits=1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def champion(tiny_platform):
+    return load_champion(tiny_platform.registry)
+
+
+@pytest.fixture(scope="module")
+def days(tiny_platform):
+    """The two latest days with events: (yesterday, the day before)."""
+    ts = pd.to_datetime(tiny_platform.events[fr.EVENT_TS], utc=True)
+    last = sorted(set(ts.dt.date))[-2:]
+    return last[1], last[0]
+
+
+def day_events(platform, day: date) -> pd.DataFrame:
+    ts = pd.to_datetime(platform.events[fr.EVENT_TS], utc=True)
+    return platform.events[(ts.dt.date == day).to_numpy()].reset_index(drop=True)
+
+
+def expected_scores(platform, model: LoadedModel, day: date) -> pd.DataFrame:
+    """The reference: the training set's point-in-time lookup (build_training_frame's rule:
+    features as of just before each event) + assemble_features + LoadedModel.predict_proba."""
+    events = day_events(platform, day)
+    lookup = events.copy()
+    lookup[fr.EVENT_TS] = fr.feature_lookup_time(pd.to_datetime(events[fr.EVENT_TS], utc=True))
+    looked_up = platform.store.get_historical_features(lookup, list(model.contract.feature_refs))
+    frame = assemble_features(events, looked_up[list(model.contract.feature_columns)])
+    out = events[["transaction_id", "user_id", "merchant_id", fr.EVENT_TS]].copy()
+    out["score"] = model.predict_proba(frame)
+    out["txn_count_24h"] = looked_up["txn_count_24h"].to_numpy()
+    return out.sort_values("transaction_id").reset_index(drop=True)
+
+
+def by_id(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values("transaction_id").reset_index(drop=True)
+
+
+@dataclass
+class CrashingModel(LoadedModel):
+    """A model whose scoring fails on its n-th chunk (a crash in the middle of a run)."""
+
+    crash_on_call: int = 2
+    calls: int = 0
+
+    def predict_proba(self, features_frame):
+        self.calls += 1
+        if self.calls == self.crash_on_call:
+            raise RuntimeError(f"simulated crash while scoring chunk {self.calls}")
+        return super().predict_proba(features_frame)
+
+
+def test_scores_equal_the_model_on_point_in_time_features(tiny_platform, champion, days, tmp_path):
+    day = days[0]
+    db = tmp_path / "predictions.duckdb"
+    result = score_partition(tiny_platform.store, champion, day, db, chunk_rows=50)
+    expected = expected_scores(tiny_platform, champion, day)
+    got = by_id(read_predictions(db, day))
+
+    assert len(expected) > 100  # several chunks of 50
+    assert result["rows"] == len(got) == len(expected)
+    assert result["model_version"] == champion.version == 2 and result["table"] == "predictions"
+    assert list(got.columns) == list(PREDICTION_COLUMNS)
+    assert got["transaction_id"].tolist() == expected["transaction_id"].tolist()
+    np.testing.assert_array_equal(got["score"].to_numpy(), expected["score"].to_numpy())
+    assert got["user_id"].tolist() == expected["user_id"].tolist()
+    assert (got[fr.EVENT_TS] == pd.to_datetime(expected[fr.EVENT_TS], utc=True)).all()
+    # The features were really looked up: many events follow another of the same card holder.
+    assert (expected["txn_count_24h"].fillna(0) > 0).mean() > 0.3
+    threshold = champion.contract.decision_threshold
+    assert (got["decision"] == (got["score"] >= threshold)).all()
+    assert result["positives_flagged"] == int(got["decision"].sum())
+    assert (got["model_version"] == 2).all() and (got["day"] == pd.Timestamp(day)).all()
+    assert got["scored_at"].nunique() == 1
+    assert result["rows_per_s"] > 0 and result["peak_rss_mb"] > 50
+    for key in ("seconds", "load_s", "features_s", "score_s", "swap_s"):
+        assert result[key] >= 0
+    scored = read_scored_days(db)
+    assert scored["day"].tolist() == [pd.Timestamp(day)] and scored["rows"].tolist() == [len(expected)]
+    assert not list((tmp_path / ".predictions.duckdb.staging").iterdir())  # staging cleaned up
+
+
+def test_a_model_with_another_contract_reads_its_own_features(tiny_platform, days, tmp_path):
+    """v1 looks up only the card holder's views: its scores follow its own contract."""
+    model, contract = tiny_platform.registry.load_model(1)
+    v1 = LoadedModel(version=1, model=model, contract=contract)
+    assert len(contract.feature_refs) < len(fr.MODEL_FEATURE_REFS)
+    db = tmp_path / "p.duckdb"
+    score_partition(tiny_platform.store, v1, days[1], db, chunk_rows=10_000)
+    got = by_id(read_predictions(db, days[1]))
+    expected = expected_scores(tiny_platform, v1, days[1])
+    np.testing.assert_array_equal(got["score"].to_numpy(), expected["score"].to_numpy())
+    assert (got["model_version"] == 1).all()
+
+
+def test_rescoring_a_day_replaces_it_and_leaves_other_days(tiny_platform, champion, days, tmp_path):
+    db = tmp_path / "p.duckdb"
+    first = score_partition(tiny_platform.store, champion, days[0], db)
+    score_partition(tiny_platform.store, champion, days[1], db)
+    before = by_id(read_predictions(db, days[0]))
+    other_before = by_id(read_predictions(db, days[1]))
+
+    again = score_partition(tiny_platform.store, champion, str(days[0]), db, chunk_rows=64)
+    after = by_id(read_predictions(db, days[0]))
+    assert again["rows"] == first["rows"] == len(after)  # replaced, not appended
+    assert after["transaction_id"].is_unique
+    pd.testing.assert_frame_equal(after.drop(columns="scored_at"), before.drop(columns="scored_at"))
+    assert (after["scored_at"] > before["scored_at"]).all()
+
+    model, contract = tiny_platform.registry.load_model(1)
+    score_partition(tiny_platform.store, LoadedModel(1, model, contract), days[0], db)
+    replaced = by_id(read_predictions(db, days[0]))
+    assert len(replaced) == len(before) and (replaced["model_version"] == 1).all()
+    assert not np.array_equal(replaced["score"].to_numpy(), before["score"].to_numpy())
+    pd.testing.assert_frame_equal(by_id(read_predictions(db, days[1])), other_before)
+    assert len(read_predictions(db)) == len(replaced) + len(other_before)
+    assert read_scored_days(db)["model_version"].tolist() == [2, 1]  # ordered by day
+
+
+def test_a_crash_midway_leaves_the_previous_rows_of_the_day(tiny_platform, champion, days, tmp_path):
+    db = tmp_path / "p.duckdb"
+    score_partition(tiny_platform.store, champion, days[0], db)
+    previous = by_id(read_predictions(db, days[0]))
+    previous_runs = read_scored_days(db)
+
+    crashing = CrashingModel(version=7, model=champion.model, contract=champion.contract, crash_on_call=2)
+    with pytest.raises(RuntimeError, match="simulated crash while scoring chunk 2"):
+        score_partition(tiny_platform.store, crashing, days[0], db, chunk_rows=40)
+    assert crashing.calls == 2  # the first chunk was scored and staged, then the run died
+
+    pd.testing.assert_frame_equal(by_id(read_predictions(db, days[0])), previous)
+    assert (read_predictions(db)["model_version"] != 7).all()  # no partial new rows anywhere
+    pd.testing.assert_frame_equal(read_scored_days(db), previous_runs)
+    assert not list((tmp_path / ".p.duckdb.staging").iterdir())
+
+    # A first-ever run that crashes publishes nothing either.
+    fresh = tmp_path / "fresh.duckdb"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        score_partition(
+            tiny_platform.store,
+            CrashingModel(7, champion.model, champion.contract, crash_on_call=1),
+            days[0],
+            fresh,
+        )
+    assert not fresh.exists() or read_predictions_or_empty(fresh).empty
+
+
+def read_predictions_or_empty(path) -> pd.DataFrame:
+    try:
+        return read_predictions(path)
+    except ValueError:
+        return pd.DataFrame()
+
+
+_HOLD_CODE = textwrap.dedent(
+    """
+    import sys, time, duckdb
+    con = duckdb.connect(sys.argv[1], read_only=sys.argv[2] == "read")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[3]))
+    con.close()
+    """
+)
+
+
+def hold_database(path, mode: str, seconds: float) -> subprocess.Popen:
+    """Another process holding the database open (a reader or a writer) for `seconds`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_CODE, str(path), mode, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_the_swap_waits_for_readers_and_a_held_lock_fails_cleanly(tiny_platform, champion, days, tmp_path):
+    db = tmp_path / "p.duckdb"
+    score_partition(tiny_platform.store, champion, days[0], db)
+    previous = by_id(read_predictions(db, days[0]))
+
+    # An application reading (read-only, for 1.5 s): the swap waits for it, then publishes.
+    reader = hold_database(db, "read", 1.5)
+    started = time.monotonic()
+    result = score_partition(tiny_platform.store, champion, days[0], db, lock_timeout_s=30)
+    reader.wait(10)
+    assert time.monotonic() - started >= 1.0 and result["rows"] == len(previous)
+
+    # Another writer holding the file past the timeout: a clear error, previous rows kept.
+    writer = hold_database(db, "write", 3)
+    try:
+        with pytest.raises(PredictionsLockedError, match="read-only connections"):
+            score_partition(tiny_platform.store, champion, days[0], db, lock_timeout_s=1)
+    finally:
+        writer.wait(15)
+    after = by_id(read_predictions(db, days[0]))
+    pd.testing.assert_frame_equal(after.drop(columns="scored_at"), previous.drop(columns="scored_at"))
+
+
+def test_a_day_without_raw_events_is_a_clear_error(tiny_platform, champion, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no raw transactions for 1999-01-01 .*ingest that day"):
+        score_partition(tiny_platform.store, champion, "1999-01-01", tmp_path / "p.duckdb")
+    with pytest.raises(ValueError, match="not a date"):
+        score_partition(tiny_platform.store, champion, "yesterday", tmp_path / "p.duckdb")
+    with pytest.raises(FileNotFoundError, match="score a day first"):
+        read_predictions(tmp_path / "missing.duckdb")
