@@ -25,6 +25,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -301,6 +302,7 @@ def main() -> None:
         )
     finally:
         platform.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
