@@ -15,10 +15,9 @@ import pandas as pd
 from ml_platform.featurestore.definitions import (
     Aggregation,
     Entity,
-    Field,
     FeatureView,
+    Field,
     FileSource,
-    Float64,
     Int64,
     String,
 )

@@ -38,9 +38,8 @@ def test_definitions_load_with_the_whole_graph():
 @pytest.fixture(scope="module")
 def trained_platform(tmp_path_factory):
     """One real end-to-end run on small synthetic data (shared by the tests below)."""
-    from ml_platform.settings import load_settings
-
     from ml_platform.featurestore.online import RedisOnlineStore
+    from ml_platform.settings import load_settings
 
     data = tmp_path_factory.mktemp("platform") / "data"
     project = f"test_pipeline_{uuid.uuid4().hex[:8]}"
@@ -71,8 +70,18 @@ def test_end_to_end_run_registers_a_champion_with_lineage(trained_platform):
     assert champion.run_id
     model, contract = registry.load_model("champion")
     assert contract.decision_threshold > 0
-    # The model learned something real from behavioural features.
+    # The model learned something real from behavioural features ...
     assert meta["model_evaluation"]["roc_auc"] > 0.75
+    # ... and the registered model is exactly the evaluated one: same test AUC from the registry copy.
+    from sklearn.metrics import roc_auc_score
+
+    from ml_platform.training.model import fraud_probability
+    from ml_platform.training.pipeline import load_training_set
+
+    frame, _ = load_training_set(settings.data_dir)
+    test = frame[frame["split"] == "test"]
+    auc = roc_auc_score(test["is_fraud"], fraud_probability(model, contract, test))
+    assert auc == pytest.approx(meta["model_evaluation"]["roc_auc"], abs=1e-12)
     # Raw partitions were written for every day of the range, in one run.
     days = sorted(p.name for p in (settings.raw_dir / "transactions").glob("date=*"))
     assert len(days) == (END - START).days + 1
@@ -131,7 +140,6 @@ def test_raw_partition_has_the_contract_columns(trained_platform):
 
 
 def test_rollback_job_moves_champion_back_and_records_why(trained_platform):
-    from ml_platform.defs.pipeline import rollback
     from ml_platform.training.pipeline import load_training_set
 
     settings, _ = trained_platform

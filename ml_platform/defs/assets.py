@@ -10,7 +10,6 @@ Each body is a few lines over the domain library; metadata makes every step insp
 
 
 import datetime as dt
-
 import warnings
 
 import dagster as dg

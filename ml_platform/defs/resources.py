@@ -24,8 +24,8 @@ class FeatureStoreResource(dg.ConfigurableResource):
     project: str = "ml_platform"  # key prefix of the online store
 
     def store(self):
-        from ml_platform.featurestore import FeatureStore
         from ml_platform.features import ENTITIES, FEATURE_VIEWS
+        from ml_platform.featurestore import FeatureStore
 
         store = FeatureStore(
             self.repo_path,

@@ -224,7 +224,7 @@ class FeatureView:
     def feature_refs(self) -> list[str]:
         return [f"{self.name}:{f.name}" for f in self.schema]
 
-    def with_source(self, source: FileSource) -> "FeatureView":
+    def with_source(self, source: FileSource) -> FeatureView:
         """The same view reading its feature values from another source (the materialized table)."""
         return FeatureView(
             name=self.name,
