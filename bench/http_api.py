@@ -225,7 +225,7 @@ def ceiling(url: str, bodies_file: Path, method: str, duration: float, connectio
 
 
 def server_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (a figure other load on the machine barely moves)."""
+    """User + system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -84,6 +84,9 @@ def test_rollback_is_served_within_seconds_without_a_failed_request(server, tiny
     assert versions == sorted(versions, reverse=True)  # 2 ... 2 1 ... 1: never back to v2
     # poll every 0.5 s, v1 preloaded: served a poll after the alias moved (a swap, not a load)
     assert switched - rolled_at < 3.0, f"v1 served {switched - rolled_at:.2f} s after the rollback"
+    print(
+        f"v1 served {switched - rolled_at:.2f} s after rollback() returned ({len(versions)} requests, 0 failed)"
+    )
 
     after = httpx.post(server.url + "/predict", json=body, timeout=5).json()
     assert after["model_version"] == 1 and after["probability"] != first["probability"]

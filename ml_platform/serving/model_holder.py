@@ -59,7 +59,7 @@ class SwapEvent:
     to_version: int
     at: float
     preloaded: bool  # True when the new version was already in memory (an instant swap)
-    swap_seconds: float  # from noticing the alias move to serving the new version
+    swap_seconds: float  # from the start of the poll that saw the move to serving the new version
 
 
 @dataclass
