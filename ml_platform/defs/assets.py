@@ -1,33 +1,32 @@
 """The ML lifecycle as Dagster software-defined assets.
 
-sources:   raw_transactions (daily partitions, one run for any range) -> users
+sources:   raw_transactions (daily partitions, one run for any range), users
 features:  one offline table per aggregated feature view (DuckDB SQL compiled from declarations)
 training:  training_set (gated by a blocking pandera check) -> trained_model -> model_evaluation
            -> registered_model (MLflow version, `challenger`, promoted to `champion` if better)
+serving:   online_features (Redis, with the online/offline skew check), batch_predictions (daily),
+           prediction_log (the API's log drained to Parquet)
 
 Each body is a few lines over the domain library; metadata makes every step inspectable in the UI.
 """
 
+# No `from __future__ import annotations` here: Dagster reads the context/config annotations.
 
 import datetime as dt
 import warnings
 
 import dagster as dg
 
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
-
 from ml_platform import features as fr
 from ml_platform.defs.resources import EventSourceResource, FeatureStoreResource, MLflowRegistryResource
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)  # BackfillPolicy is beta in Dagster 1.13
 
 PARTITIONS_START = "2025-01-01"
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, end_offset=0)
 
 RAW_CHECK = "raw_transactions_valid"
 TRAINING_CHECK = "training_set_valid"
-
-
-def _today() -> dt.date:
-    return dt.datetime.now(dt.UTC).date()
 
 
 def _check_result(report, asset_key: str, check_name: str) -> dg.AssetCheckResult:
