@@ -1410,16 +1410,7 @@ class RedisOnlineStore:
 
     def delete_project(self) -> int:
         """Delete every key of this project's online store. Returns the number of keys deleted."""
-        pattern = self.namespace.replace("\\", "\\\\") + "*"
-        deleted = 0
-        batch: list[bytes] = []
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += self.client.unlink(*batch)
-                batch = []
-        if batch:
-            deleted += self.client.unlink(*batch)
+        deleted = unlink_matching(self.client, self.namespace.replace("\\", "\\\\") + "*")
         self._codecs.clear()
         self._recorded.clear()
         return deleted
@@ -1451,6 +1442,20 @@ def _record_batches(data: Any, chunk_rows: int) -> Iterator[pa.RecordBatch]:
 
 
 # --------------------------------------------------------------------------- feature store glue
+
+
+def unlink_matching(client: redis.Redis, pattern: str, batch_size: int = 500) -> int:
+    """UNLINK (never DEL: a big hash would block Redis) every key matching `pattern`; returns the count."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= batch_size:
+            deleted += client.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted
 
 
 def materialize(

@@ -53,6 +53,7 @@ import pyarrow as pa
 import redis
 
 from ml_platform.featurestore.definitions import AGGREGATION_FUNCTIONS, FeatureView, ValueType
+from ml_platform.featurestore.online import unlink_matching
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EVENT_ID = "event_id"
@@ -538,16 +539,7 @@ class StreamingUpdater:
     def delete_state(self) -> int:
         """Delete every buffer of this project (tests, a full reset). Returns keys deleted."""
         self.cache.clear()
-        deleted = 0
-        batch: list[bytes] = []
-        for key in self.client.scan_iter(match=self.state_prefix + "*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += self.client.unlink(*batch)
-                batch = []
-        if batch:
-            deleted += self.client.unlink(*batch)
-        return deleted
+        return unlink_matching(self.client, self.state_prefix + "*")
 
     def seed(self, events: Iterable[Mapping[str, Any]], *, batch_size: int = 5000) -> int:
         """Fold historical events into the buffers without computing features (a cold start: the

@@ -46,6 +46,7 @@ from ml_platform import features as fr
 from ml_platform.featurestore import offline
 from ml_platform.featurestore.definitions import parse_feature_ref
 from ml_platform.serving.scoring import LoadedModel, assemble_features
+from ml_platform.sources.generator import parse_date
 
 PREDICTIONS_TABLE = "predictions"
 PARTITIONS_TABLE = "prediction_partitions"  # one row per scored day: which model, when, how many
@@ -495,11 +496,4 @@ def _connect_with_retry(path: Path, *, read_only: bool, timeout_s: float) -> duc
 
 
 def _as_day(value: date | str) -> date:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    try:
-        return date.fromisoformat(str(value))
-    except ValueError:
-        raise ValueError(f"day {value!r} is not a date; use YYYY-MM-DD (a daily partition key)") from None
+    return parse_date(value, "day (a daily partition key)")

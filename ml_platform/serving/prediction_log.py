@@ -27,7 +27,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ml_platform.sources.generator import TRANSACTIONS_ARROW_SCHEMA
+
 _log = logging.getLogger(__name__)
+_REQUEST_FIELDS = ("transaction_id", "user_id", "merchant_id", "merchant_category", "amount", "country",
+                   "device", "channel", "event_timestamp")
 
 DEFAULT_MAXLEN = 1_000_000  # the stream keeps about this many entries if no drain runs
 ENTRY_FIELD = "json"  # each stream entry has one field: the prediction as a JSON object
@@ -39,15 +43,8 @@ LOG_SCHEMA = pa.schema(
         ("prediction_id", pa.string()),
         ("stream_id", pa.string()),
         ("predicted_at", pa.timestamp("us", tz="UTC")),
-        ("transaction_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("merchant_id", pa.int64()),
-        ("merchant_category", pa.string()),
-        ("amount", pa.float64()),
-        ("country", pa.string()),
-        ("device", pa.string()),
-        ("channel", pa.string()),
-        ("event_timestamp", pa.timestamp("us", tz="UTC")),
+        # the transaction as requested, typed as in the raw events' contract
+        *[(f.name, f.type) for f in TRANSACTIONS_ARROW_SCHEMA if f.name in _REQUEST_FIELDS],
         ("model_name", pa.string()),
         ("model_version", pa.int64()),
         ("probability", pa.float64()),

@@ -121,7 +121,7 @@ class DriftScenario:
     fraud_pattern: str = "card_testing"  # the fraud pattern that dominates after the drift
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start_date", _as_date(self.start_date, "DriftScenario.start_date"))
+        object.__setattr__(self, "start_date", parse_date(self.start_date, "DriftScenario.start_date"))
         object.__setattr__(self, "new_categories", tuple(self.new_categories))
         if self.amount_scale <= 0:
             raise ValueError(f"DriftScenario.amount_scale must be > 0, got {self.amount_scale}")
@@ -157,7 +157,7 @@ class GeneratorConfig:
     chunk_rows: int = 500_000  # a day larger than this is produced (and written) in several parts
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start", _as_date(self.start, "GeneratorConfig.start"))
+        object.__setattr__(self, "start", parse_date(self.start, "GeneratorConfig.start"))
         if self.as_of is not None:
             object.__setattr__(self, "as_of", _as_utc(self.as_of, "GeneratorConfig.as_of").to_pydatetime())
         min_merchants = len(HOME_COUNTRIES) * len(BASE_CATEGORIES)
@@ -202,7 +202,8 @@ class GeneratorConfig:
         return self.drift is not None and day >= self.drift.start_date
 
 
-def _as_date(value, what: str) -> date:
+def parse_date(value, what: str) -> date:
+    """A date from a date, datetime or YYYY-MM-DD string, with an error naming `what` otherwise."""
     if isinstance(value, datetime):
         return value.date()
     if isinstance(value, date):
@@ -673,7 +674,7 @@ def _chunk_frame(config: GeneratorConfig, day: date, chunk: int, n_chunks: int) 
 
 def iter_day_chunks(config: GeneratorConfig, day: date | str) -> Iterator[pd.DataFrame]:
     """The day's transactions as one frame per chunk (at most ~`chunk_rows` rows each)."""
-    day = _as_date(day, "day")
+    day = parse_date(day, "day")
     n_chunks = _day_plan(config, day)[3]
     for chunk in range(n_chunks):
         yield _chunk_frame(config, day, chunk, n_chunks)
@@ -730,7 +731,7 @@ def write_partition(frames, raw_dir: str | Path, day: date) -> Path:
 
 def write_day(config: GeneratorConfig, day: date | str, raw_dir: str | Path) -> Path:
     """Generate `day` and write raw_dir/transactions/date=YYYY-MM-DD/part-*.parquet (atomic, overwrites)."""
-    day = _as_date(day, "day")
+    day = parse_date(day, "day")
     return write_partition(iter_day_chunks(config, day), raw_dir, day)
 
 
@@ -738,7 +739,7 @@ def write_range(
     config: GeneratorConfig, raw_dir: str | Path, start: date | str, end: date | str
 ) -> list[Path]:
     """Write every day from `start` to `end` (both included); one partition in memory at a time."""
-    start, end = _as_date(start, "start"), _as_date(end, "end")
+    start, end = parse_date(start, "start"), parse_date(end, "end")
     if end < start:
         raise ValueError(f"end {end} is before start {start}")
     return [write_day(config, start + timedelta(days=i), raw_dir) for i in range((end - start).days + 1)]
