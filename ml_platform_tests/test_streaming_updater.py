@@ -349,3 +349,73 @@ def test_parity_with_the_offline_sql_for_every_view(tmp_path, client, project):
             if not same:
                 mismatches.append((name, e[EVENT_ID], f, value, want))
     assert not mismatches, mismatches[:5]
+
+
+def _brute_force(rows, t, window_us):
+    """spend_view's aggregates at t over `rows` (time, amount) with time in [t - window, t]."""
+    inside = [a for ts, a in rows if t - window_us <= ts <= t]
+    amounts = [a for a in inside if a is not None]
+    if not amounts:
+        return len(inside), 0, math.nan, math.nan, math.nan, math.nan
+    return len(inside), len(amounts), sum(amounts), sum(amounts) / len(amounts), min(amounts), max(amounts)
+
+
+def test_trimmed_buffers_stay_exact_in_every_workers_cache(client, project):
+    """Days of events for a few card holders, folded in small batches alternating between two
+    workers (each with its own cache), with a 1 h trim slack so buffers are trimmed every few
+    batches, by either worker: every looked-up and at-event value equals a brute-force
+    computation over all the events, and the buffers stay small."""
+    rng = np.random.default_rng(7)
+    workers = [StreamingUpdater(client, project, [spend_view()], trim_slack=H) for _ in range(2)]
+    start, n = T("2024-03-01 00:00"), 1500
+    times = np.sort(start + rng.integers(0, 5 * 86_400_000_000, n))
+    events = [
+        ev(f"t{i}", int(rng.integers(1, 4)), int(ts), None if rng.random() < 0.1 else float(rng.integers(1, 500)))
+        for i, ts in enumerate(times)
+    ]
+    history: dict[int, list] = {}
+    checked = 0
+    position = 0
+    batch_no = 0
+    while position < n:
+        size = int(rng.integers(1, 40))
+        batch = events[position : position + size]
+        position += size
+        got = workers[batch_no % 2].fold(batch, with_event_values=True)
+        batch_no += 1
+        for i, e in enumerate(batch):
+            history.setdefault(e["user_id"], []).append((e["ts"], e["amount"]))
+        for i, e in enumerate(batch):
+            rows = history[e["user_id"]]
+            earlier = [ts for ts, _ in rows if ts < e["ts"]]
+            at = [_brute_force(rows, e["ts"], w) for w in (3_600_000_000, 86_400_000_000)]
+            expected_at = (at[0][0], at[0][1], *at[0][2:], *at[1][2:])
+            assert np.allclose(
+                _row(got.at_event, "spend", i), expected_at, rtol=0, atol=TOL, equal_nan=True
+            ), f"at event {e[EVENT_ID]}: {_row(got.at_event, 'spend', i)} != {expected_at}"
+            if earlier and max(earlier) >= e["ts"] - 1 - 2 * 86_400_000_000:
+                prev = max(earlier)
+                b = [_brute_force(rows, prev, w) for w in (3_600_000_000, 86_400_000_000)]
+                expected_before = (b[0][0], b[0][1], *b[0][2:], *b[1][2:])
+            else:
+                expected_before = None
+            expected_before = expected_before or (math.nan,) * len(FEATURES)
+            assert np.allclose(
+                _row(got.before, "spend", i), expected_before, rtol=0, atol=TOL, equal_nan=True
+            ), f"before {e[EVENT_ID]}: {_row(got.before, 'spend', i)} != {expected_before}"
+            checked += 1
+    assert checked == n
+    # Trimmed: a buffer holds about the last 24h + slack, not 5 days of a card holder's events.
+    for user_id in (1, 2, 3):
+        records = (client.strlen(workers[0].buffer_key("spend", {"user_id": user_id})) - 8) // 24
+        assert records < len(history[user_id]) / 2, (user_id, records, len(history[user_id]))
+    # A worker trims its own copy as the script trims the buffer: one whole-buffer read per card
+    # holder (the first), then only deltas, trims included.
+    alone = StreamingUpdater(client, project + "x", [spend_view()], trim_slack=H)
+    try:
+        for i in range(0, n, 25):
+            alone.fold(events[i : i + 25])
+        assert alone.cache.full_reads == 3
+        assert alone.cache.delta_reads > 100
+    finally:
+        alone.delete_state()

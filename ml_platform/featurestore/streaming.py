@@ -70,14 +70,23 @@ DEFAULT_TRIM_SLACK = timedelta(days=1)
 # epochs (< 2^36); ARGV[4]: one packed blob with, per buffer: key length (u16), key, record width
 # (u16), trim trigger and trim bound (int64 µs), the caller's cached epoch (int64, 0 = none) and
 # cached length (u32), whether to refresh the expiry (u8), the new records' length (u32), the new
-# records. (One blob instead of many
-# arguments: packing thousands of arguments cost the client more than the script costs Redis.)
-# Per buffer: APPEND the records (a new buffer gets its header first); return "d" + the bytes after
-# the caller's cached length if its epoch is current, else "f" + the whole buffer -- as it was
-# *before* any trim, so late events can still look back; if the first record is older than the
-# trigger, rewrite the buffer without its leading records older than the bound, under a new
-# epoch; PEXPIRE when asked (a worker refreshes a buffer's expiry at most every EXPIRY_REFRESH_S,
-# not on every append: the expiry is a month, and one call less per buffer is ~20% of the script).
+# records. (One blob instead of many arguments: packing thousands of arguments cost the client
+# more than the script costs Redis.)
+#
+# Per buffer: APPEND the records (a new buffer gets its header first). The reply says what the
+# caller lacks, never what it sent:
+#   "d" + the bytes other workers appended between the caller's cached length and this append
+#         (usually none), when the caller's epoch is current;
+#   "f" + the whole buffer (header included) otherwise -- as it was *before* any trim, so late
+#         events can still look back.
+# If the first record is older than the trigger, the buffer is rewritten without its leading
+# records older than the bound, under a new epoch; the reply's kind is then upper case ("D",
+# "F") and followed by the new epoch and the number of record bytes dropped from the front (two
+# int64, before the data; new epoch 0 = every record was garbage and the buffer is deleted), so
+# the caller trims its copy the same way instead of reading the buffer again.
+# PEXPIRE when asked (a worker refreshes a buffer's expiry at most every EXPIRY_REFRESH_S, not on
+# every append: the expiry is a month, and one call less per buffer is ~20% of the script).
+# Per buffer that is APPEND + one GETRANGE (the header and first record time) in the common case.
 _FOLD_LUA = """
 local ttl = tonumber(ARGV[1])
 local want = ARGV[2] == '1'
@@ -101,32 +110,40 @@ while pos <= #blob do
     refresh = 1
   end
   local head, first = struct.unpack('<i8i8', redis.call('GETRANGE', key, 0, 15))
+  local kind, data = '', ''
   if not want then
-    out[k] = ''
-  elseif head == epoch and known >= 8 and known <= length then
-    out[k] = 'd' .. redis.call('GETRANGE', key, known, -1)
+    kind = ''
+  elseif head == epoch and known >= 8 and known <= length - nbytes then
+    kind = 'd'
+    if known < length - nbytes then data = redis.call('GETRANGE', key, known, length - nbytes - 1) end
   else
-    out[k] = 'f' .. redis.call('GET', key)
+    kind = 'f'
+    data = redis.call('GET', key)
   end
   if first < trigger then
     -- drop the leading records older than the bound (records arrive nearly in time order; a late
     -- old record further in stays as harmless garbage until it leads)
-    local data = redis.call('GET', key)
+    local whole = redis.call('GET', key)
     local off = 9
-    while off <= #data and struct.unpack('<i8', data, off) < bound do off = off + width end
-    if off <= #data then
-      redis.call('SET', key, struct.pack('<i8', -(nonce + k)) .. string.sub(data, off))
+    while off <= #whole and struct.unpack('<i8', whole, off) < bound do off = off + width end
+    local new_epoch = 0
+    if off <= #whole then
+      new_epoch = -(nonce + k)
+      redis.call('SET', key, struct.pack('<i8', new_epoch) .. string.sub(whole, off))
       refresh = 1
     else
       redis.call('DEL', key)
       refresh = 0
     end
+    if want then kind = string.upper(kind) .. struct.pack('<i8i8', new_epoch, off - 9) end
   end
+  out[k] = kind .. data
   if ttl > 0 and refresh == 1 then redis.call('PEXPIRE', key, ttl) end
 end
 return out
 """
 _BUFFER_HEAD = struct.Struct("<HqqqIBI")
+_TRIM = struct.Struct("<qq")
 EXPIRY_REFRESH_S = 3600.0
 _EPOCH = struct.Struct("<q")
 
@@ -138,6 +155,8 @@ class BufferCache:
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
+        self.full_reads = 0  # replies carrying a whole buffer (first read, evicted, or rewritten by another worker)
+        self.delta_reads = 0  # replies carrying only what other workers appended (usually nothing)
         # key -> (epoch, cached length, records, when this worker last refreshed its expiry)
         self._entries: OrderedDict[bytes, tuple[int, int, bytes, float]] = OrderedDict()
 
@@ -148,18 +167,28 @@ class BufferCache:
             return 0, 0, 1
         return entry[0], entry[1], int(now - entry[3] >= EXPIRY_REFRESH_S)
 
-    def update(self, key: bytes, reply: bytes, refreshed: int, now: float) -> bytes:
-        """Apply a script reply ("d" + appended bytes or "f" + whole buffer); returns the records."""
+    def update(self, key: bytes, reply: bytes, sent: bytes, refreshed: int, now: float) -> bytes:
+        """Apply a fold reply for `key` (see _FOLD_LUA), `sent` being the records this call
+        appended; returns the buffer's records as they were before any trim of this call."""
         old = self._entries.pop(key, None)
-        if reply[:1] == b"d" and old is not None:
-            epoch, length, records = old[0], old[1] + len(reply) - 1, old[2] + reply[1:]
+        kind = reply[:1]
+        trimmed = kind in (b"D", b"F")
+        start = 17 if trimmed else 1
+        if kind in (b"d", b"D") and old is not None:
+            self.delta_reads += 1
+            epoch, records = old[0], old[2] + reply[start:] + sent
         else:
-            epoch, length, records = _EPOCH.unpack_from(reply, 1)[0], len(reply) - 1, reply[9:]
+            self.full_reads += 1
+            epoch, records = _EPOCH.unpack_from(reply, start)[0], reply[start + 8 :]
         if old is not None:
             self.bytes -= len(old[2])
-        if self.max_bytes > 0:
-            self._entries[key] = (epoch, length, records, now if refreshed or old is None else old[3])
-            self.bytes += len(records)
+        kept = records
+        if trimmed:
+            epoch, dropped = _TRIM.unpack_from(reply, 1)
+            kept = records[dropped:] if epoch else b""
+        if self.max_bytes > 0 and kept:
+            self._entries[key] = (epoch, 8 + len(kept), kept, now if refreshed or old is None else old[3])
+            self.bytes += len(kept)
             while self.bytes > self.max_bytes and self._entries:
                 _, evicted = self._entries.popitem(last=False)
                 self.bytes -= len(evicted[2])
@@ -457,6 +486,7 @@ class StreamingUpdater:
         id_hashes = [event_id_hash(e[EVENT_ID]) for e in events]
         now = time.monotonic()
         refreshes: list[int] = []
+        sent: list[bytes] = []
         plans = []
         parts: list[bytes] = []
         names: list[bytes] = []
@@ -507,6 +537,7 @@ class StreamingUpdater:
                     new = records[js[0] * width : (js[0] + 1) * width]
                 else:
                     new = b"".join([records[j * width : (j + 1) * width] for j in js])
+                sent.append(new)
                 parts += [
                     len(name).to_bytes(2, "little"),
                     name,
@@ -524,7 +555,8 @@ class StreamingUpdater:
         result = FoldResult({}, {}, {}, {}, {})
         if not compute:
             return result
-        blobs = [self.cache.update(name, reply, r, now) for name, reply, r in zip(names, replies, refreshes)]
+        update = self.cache.update
+        blobs = [update(*item, now) for item in zip(names, replies, sent, refreshes)]
         start = 0
         for group, rows, entity_rows, stop in plans:
             members = [self.compiled[v] for v in group.views if v in wanted]
