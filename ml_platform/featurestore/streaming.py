@@ -67,11 +67,12 @@ DEFAULT_TRIM_SLACK = timedelta(days=1)
 # epoch is still E; any rewrite (trim) or re-creation gives a new epoch and a full read.
 #
 # ARGV[1]: expiry in ms (0 = none); ARGV[2]: "1" to return the buffers; ARGV[3]: a nonce for new
-# epochs (< 2^36); ARGV[4]: one packed blob with, per buffer: key length (u16), key, record width
-# (u16), trim trigger and trim bound (int64 µs), the caller's cached epoch (int64, 0 = none) and
-# cached length (u32), whether to refresh the expiry (u8), the new records' length (u32), the new
-# records. (One blob instead of many arguments: packing thousands of arguments cost the client
-# more than the script costs Redis.)
+# epochs (< 2^36); ARGV[4]: per buffer one fixed-width head (`_HEAD_DTYPE`, 37 bytes): key length
+# (u16), record width (u16), trim trigger and trim bound (int64 µs), the caller's cached epoch
+# (int64, 0 = none) and cached length (u32), whether to refresh the expiry (u8), the new records'
+# length (u32); ARGV[5]: the keys, concatenated; ARGV[6]: the new records, concatenated. (Three
+# blobs instead of thousands of arguments: packing arguments cost the client more than the script
+# costs Redis; fixed-width heads are built with numpy for the whole batch at once.)
 #
 # Per buffer: APPEND the records (a new buffer gets its header first). The reply says what the
 # caller lacks, never what it sent:
@@ -91,18 +92,16 @@ _FOLD_LUA = """
 local ttl = tonumber(ARGV[1])
 local want = ARGV[2] == '1'
 local nonce = tonumber(ARGV[3]) * 65536
-local blob = ARGV[4]
+local heads, names, recs = ARGV[4], ARGV[5], ARGV[6]
 local out = {}
-local pos = 1
-local k = 0
-while pos <= #blob do
-  k = k + 1
-  local klen, p = struct.unpack('<H', blob, pos)
-  local key = string.sub(blob, p, p + klen - 1)
-  local width, trigger, bound, epoch, known, refresh, nbytes
-  width, trigger, bound, epoch, known, refresh, nbytes, p = struct.unpack('<Hi8i8i8I4BI4', blob, p + klen)
-  local records = string.sub(blob, p, p + nbytes - 1)
-  pos = p + nbytes
+local kpos, rpos = 1, 1
+for k = 1, #heads / 37 do
+  local klen, width, trigger, bound, epoch, known, refresh, nbytes =
+    struct.unpack('<HHi8i8i8I4BI4', heads, (k - 1) * 37 + 1)
+  local key = string.sub(names, kpos, kpos + klen - 1)
+  kpos = kpos + klen
+  local records = string.sub(recs, rpos, rpos + nbytes - 1)
+  rpos = rpos + nbytes
   local length = redis.call('APPEND', key, records)
   if length == nbytes then
     length = length + 8
@@ -142,7 +141,19 @@ while pos <= #blob do
 end
 return out
 """
-_BUFFER_HEAD = struct.Struct("<HqqqIBI")
+_HEAD_DTYPE = np.dtype(
+    [
+        ("klen", "<u2"),
+        ("width", "<u2"),
+        ("trigger", "<i8"),
+        ("bound", "<i8"),
+        ("epoch", "<i8"),
+        ("known", "<u4"),
+        ("refresh", "u1"),
+        ("nbytes", "<u4"),
+    ]
+)
+assert _HEAD_DTYPE.itemsize == 37  # the script's stride
 _TRIM = struct.Struct("<qq")
 EXPIRY_REFRESH_S = 3600.0
 _EPOCH = struct.Struct("<q")
@@ -438,6 +449,8 @@ class StreamingUpdater:
         self.state_expiry = state_expiry
         self.cache = BufferCache(cache_bytes)
         self._script = client.register_script(_FOLD_LUA)
+        # Wall seconds per part of `fold` (pack, script, cache, evaluate): the benchmark's breakdown.
+        self.phase_seconds: dict[str, float] = {"pack": 0.0, "script": 0.0, "cache": 0.0, "evaluate": 0.0}
 
     # ---- keys
 
@@ -483,87 +496,95 @@ class StreamingUpdater:
                 f"no aggregated feature view {unknown}; the updater knows {sorted(self.compiled)}"
             )
         group_names = list(dict.fromkeys(self.compiled[v].group for v in wanted))
-        id_hashes = [event_id_hash(e[EVENT_ID]) for e in events]
+        clock = time.perf_counter
+        began = clock()
+        batch = _Batch(events)
         now = time.monotonic()
+        heads: list[bytes] = []
+        key_blobs: list[bytes] = []
+        record_blobs: list[bytes] = []
+        names: list[bytes] = []  # per buffer of the call, in script order
+        sent: list[bytes] = []  # the records appended to each buffer
         refreshes: list[int] = []
-        sent: list[bytes] = []
-        plans = []
-        parts: list[bytes] = []
-        names: list[bytes] = []
+        plans: list[tuple] = []
         expiry = 0
         for group_name in group_names:
             group = self.groups[group_name]
-            ts_field, base = group.timestamp_field, group.base_keys
-            if len(base) == 1:
-                k0 = base[0]
-                rows = [
-                    i for i, e in enumerate(events) if e.get(ts_field) is not None and e.get(k0) is not None
-                ]
-            else:
-                rows = [
-                    i
-                    for i, e in enumerate(events)
-                    if e.get(ts_field) is not None and all(e.get(k) is not None for k in base)
-                ]
-            if not rows:
-                plans.append((group, rows, [], len(names)))
+            ts, present = batch.ints(group.timestamp_field)
+            for k in group.base_keys:
+                present = present & batch.present(k)
+            rows = np.flatnonzero(present)
+            if not len(rows):
+                plans.append((group, rows, None, [], len(names)))
                 continue
-            chosen = [events[i] for i in rows]
-            records = _records(group, chosen, [id_hashes[i] for i in rows])
+            # Entities: a slot per row; each buffer gets its rows' records in one piece.
+            slot, entity_keys = batch.entities(group.base_keys, rows)
+            order = np.argsort(slot, kind="stable")
+            counts = np.bincount(slot, minlength=len(entity_keys))
+            ends = np.cumsum(counts)
+            starts = ends - counts
             width = group.record_dtype.itemsize
+            records = _records(group, batch, rows)[order].tobytes()
             prefix = self._key_prefix(group)
-            if len(base) == 1:
-                k0 = base[0]
-                keys = [prefix + _key_part(e[k0]) for e in chosen]
+            if len(group.base_keys) == 1:
+                keys = [(prefix + _key_part(k[0])).encode() for k in entity_keys]
             else:
-                keys = [prefix + ":".join([_key_part(e[k]) for k in base]) for e in chosen]
-            entity_of: dict[str, int] = {}
-            entity_rows: list[list[int]] = []
-            for j, key in enumerate(keys):
-                slot = entity_of.get(key)
-                if slot is None:
-                    entity_of[key] = len(entity_rows)
-                    entity_rows.append([j])
-                else:
-                    entity_rows[slot].append(j)
-            keep_us = group.keep_window_us + self.trim_slack_us
-            for key, js in zip(entity_of, entity_rows):
-                bound = max([chosen[j][ts_field] for j in js]) - keep_us
-                name = key.encode()
-                names.append(name)
-                epoch, known, refresh = self.cache.known(name, now) if compute else (0, 0, 1)
-                refreshes.append(refresh)
-                if len(js) == 1:
-                    new = records[js[0] * width : (js[0] + 1) * width]
-                else:
-                    new = b"".join([records[j * width : (j + 1) * width] for j in js])
-                sent.append(new)
-                parts += [
-                    len(name).to_bytes(2, "little"),
-                    name,
-                    _BUFFER_HEAD.pack(
-                        width, bound - self.trim_slack_us, bound, epoch, known, refresh, len(new)
-                    ),
-                    new,
-                ]
+                keys = [(prefix + ":".join([_key_part(v) for v in k])).encode() for k in entity_keys]
+            head = np.zeros(len(keys), _HEAD_DTYPE)
+            head["klen"] = [len(k) for k in keys]
+            head["width"] = width
+            bound = np.maximum.reduceat(ts[rows][order], starts) - (group.keep_window_us + self.trim_slack_us)
+            head["trigger"] = bound - self.trim_slack_us
+            head["bound"] = bound
+            head["nbytes"] = counts * width
+            if compute:
+                known = self.cache.known
+                cached = np.array([known(k, now) for k in keys], np.int64).reshape(len(keys), 3)
+                head["epoch"], head["known"], head["refresh"] = cached[:, 0], cached[:, 1], cached[:, 2]
+                refreshes += cached[:, 2].tolist()
+                sent += [records[a:b] for a, b in zip((starts * width).tolist(), (ends * width).tolist())]
+            else:
+                head["refresh"] = 1
+            heads.append(head.tobytes())
+            key_blobs.append(b"".join(keys))
+            record_blobs.append(records)
+            names += keys
             expiry = max(expiry, self._expiry_ms(group))
-            plans.append((group, rows, entity_rows, len(names)))
+            plans.append((group, rows, slot, entity_keys, len(names)))
+        packed = clock()
         replies = []
-        if parts:
+        if names:
             nonce = secrets.randbelow(2**36 - 1) + 1
-            replies = self._script(keys=[], args=[expiry, b"1" if compute else b"0", nonce, b"".join(parts)])
+            replies = self._script(
+                keys=[],
+                args=[
+                    expiry,
+                    b"1" if compute else b"0",
+                    nonce,
+                    b"".join(heads),
+                    b"".join(key_blobs),
+                    b"".join(record_blobs),
+                ],
+            )
         result = FoldResult({}, {}, {}, {}, {})
+        replied = clock()
+        phases = self.phase_seconds
+        phases["pack"] += packed - began
+        phases["script"] += replied - packed
         if not compute:
             return result
         update = self.cache.update
         blobs = [update(*item, now) for item in zip(names, replies, sent, refreshes)]
+        cached = clock()
+        phases["cache"] += cached - replied
         start = 0
-        for group, rows, entity_rows, stop in plans:
+        for group, rows, slot, entity_keys, stop in plans:
             members = [self.compiled[v] for v in group.views if v in wanted]
             _evaluate_group(
-                group, members, events, rows, entity_rows, blobs[start:stop], with_event_values, result
+                group, members, batch, rows, slot, entity_keys, blobs[start:stop], with_event_values, result
             )
             start = stop
+        phases["evaluate"] += clock() - cached
         return result
 
     # ---- housekeeping
@@ -604,25 +625,93 @@ def event_id_hash(event_id: str) -> bytes:
     return hashlib.blake2b(str(event_id).encode(), digest_size=8).digest()
 
 
-def _records(group: BufferGroup, events: Sequence[Mapping[str, Any]], id_hashes: list[bytes]) -> bytes:
-    """The events' buffer records, concatenated: time, value columns (NaN = NULL), extra keys
+class _Batch:
+    """The events of one fold as columns, each extracted once: numpy arrays and presence masks."""
+
+    def __init__(self, events: Sequence[Mapping[str, Any]]):
+        self.events = events
+        self.n = len(events)
+        self._raw: dict[str, list] = {}
+        self._present: dict[str, np.ndarray] = {}
+        self._ints: dict[str, np.ndarray] = {}
+        self._floats: dict[str, np.ndarray] = {}
+        self._ids: np.ndarray | None = None
+
+    def raw(self, name: str) -> list:
+        values = self._raw.get(name)
+        if values is None:
+            values = self._raw[name] = [e.get(name) for e in self.events]
+        return values
+
+    def present(self, name: str) -> np.ndarray:
+        """True where the event has a value (not None / NA)."""
+        mask = self._present.get(name)
+        if mask is None:
+            mask = self._present[name] = np.fromiter(
+                (v is not None and v is not pd.NA for v in self.raw(name)), bool, self.n
+            )
+        return mask
+
+    def ints(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(int64 values with 0 where absent, presence mask): timestamps and integer keys."""
+        values = self._ints.get(name)
+        present = self.present(name)
+        if values is None:
+            raw = self.raw(name)
+            values = self._ints[name] = np.fromiter(
+                (v if ok else 0 for v, ok in zip(raw, present.tolist())), np.int64, self.n
+            )
+        return values, present
+
+    def floats(self, name: str) -> np.ndarray:
+        """float64 values, NaN for NULL (None / NA / NaN)."""
+        values = self._floats.get(name)
+        if values is None:
+            raw = self.raw(name)
+            try:
+                values = np.array(raw, np.float64)
+            except (TypeError, ValueError):
+                values = np.fromiter((_float_or_nan(v) for v in raw), np.float64, self.n)
+            self._floats[name] = values
+        return values
+
+    def id_hashes(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.frombuffer(b"".join([event_id_hash(e[EVENT_ID]) for e in self.events]), "V8")
+        return self._ids
+
+    def entities(self, keys: Sequence[str], rows: np.ndarray) -> tuple[np.ndarray, list[tuple]]:
+        """(slot of each row's entity, the entities' key values): one slot per distinct key."""
+        if len(keys) == 1:
+            raw = self.raw(keys[0])
+            picked = [raw[i] for i in rows.tolist()]
+            if all(type(v) is int for v in picked):
+                unique, slot = np.unique(np.array(picked, np.int64), return_inverse=True)
+                return slot.reshape(-1).astype(np.int64), [(u,) for u in unique.tolist()]
+        columns = [self.raw(k) for k in keys]
+        index: dict[tuple, int] = {}
+        slot = np.empty(len(rows), np.int64)
+        for j, i in enumerate(rows.tolist()):
+            key = tuple([c[i] for c in columns])
+            s = index.get(key)
+            if s is None:
+                s = index[key] = len(index)
+            slot[j] = s
+        return slot, list(index)
+
+
+def _records(group: BufferGroup, batch: _Batch, rows: np.ndarray) -> np.ndarray:
+    """The buffer records of the batch's `rows`: time, value columns (NaN = NULL), extra keys
     (NULL = _NULL_KEY), event-id hash."""
-    n = len(events)
-    rec = np.zeros(n, group.record_dtype)
-    rec["ts"] = [e[group.timestamp_field] for e in events]
-    if group.value_columns:
-        cols = group.value_columns
-        if len(cols) == 1:
-            c = cols[0]
-            rec["v"][:, 0] = [_float_or_nan(e.get(c)) for e in events]
-        else:
-            rec["v"] = np.array(
-                [[_float_or_nan(e.get(c)) for c in cols] for e in events], dtype="<f8"
-            ).reshape(n, len(cols))
+    rec = np.zeros(len(rows), group.record_dtype)
+    rec["ts"] = batch.ints(group.timestamp_field)[0][rows]
+    for j, c in enumerate(group.value_columns):
+        rec["v"][:, j] = batch.floats(c)[rows]
     for j, k in enumerate(group.extra_keys):
-        rec["x"][:, j] = [_NULL_KEY if e.get(k) is None else e[k] for e in events]
-    rec["id"] = np.frombuffer(b"".join(id_hashes), "V8")
-    return rec.tobytes()
+        values, present = batch.ints(k)
+        rec["x"][:, j] = np.where(present, values, _NULL_KEY)[rows]
+    rec["id"] = batch.id_hashes()[rows]
+    return rec
 
 
 def _float_or_nan(value: Any) -> float:
@@ -637,25 +726,28 @@ def _float_or_nan(value: Any) -> float:
 def _evaluate_group(
     group: BufferGroup,
     views: list[CompiledView],
-    events: Sequence[Mapping[str, Any]],
-    rows: list[int],
-    entity_rows: list[list[int]],
+    batch: _Batch,
+    rows: np.ndarray,
+    ev_slot: np.ndarray | None,
+    entity_keys: list[tuple],
     blobs: list[bytes],
     with_event_values: bool,
     out: FoldResult,
 ) -> None:
     """Decode a group's buffers (all its entities of the batch at once: concatenated, sorted by
-    (entity, time), deduplicated by (entity, time, event id)), then compute each view's values."""
-    n = len(events)
+    (entity, time), deduplicated by (entity, time, event id)), then compute each view's values.
+    `rows`: the events that are rows of the group; `ev_slot`: each one's entity (an index into
+    `entity_keys` and `blobs`)."""
+    n = batch.n
     for cv in views:
         out.applies[cv.name] = np.zeros(n, bool)
         out.found[cv.name] = np.zeros(n, bool)
         out.before[cv.name] = {name: np.full(n, np.nan) for name in cv.feature_names}
         if with_event_values:
             out.at_event[cv.name] = {name: np.full(n, np.nan) for name in cv.feature_names}
-    if not rows:
+    if not len(rows):
         for cv in views:
-            out.latest[cv.name] = _latest_table(cv, {}, np.empty(0, np.int64), [])
+            out.latest[cv.name] = _latest_table(cv, {}, np.empty(0, np.int64), {})
         return
     width = group.record_dtype.itemsize
     if any(len(b) % width for b in blobs):
@@ -667,11 +759,8 @@ def _evaluate_group(
     raw = np.frombuffer(b"".join(blobs), group.record_dtype)
     n_slots = len(blobs)
     slot = np.repeat(np.arange(n_slots, dtype=np.int64), counts)
-    ev_index = np.asarray(rows, np.int64)
-    ev_slot = np.empty(len(rows), np.int64)
-    for s, js in enumerate(entity_rows):
-        ev_slot[js] = s
-    ev_ts = np.fromiter((events[i][group.timestamp_field] for i in rows), np.int64, len(rows))
+    ev_index = rows
+    ev_ts = batch.ints(group.timestamp_field)[0][rows]
     raw_ts = raw["ts"].astype(np.int64)
     keys = _SearchKeys(
         n_slots,
@@ -686,17 +775,29 @@ def _evaluate_group(
     order = None
     steps = np.diff(raw_key)
     if len(steps) and steps.min() <= 0:
-        ties = True
         if steps.min() < 0:
             order = np.argsort(raw_key, kind="stable")
-            ties = bool((np.diff(raw_key[order]) == 0).any())
-        if ties:
-            ids = raw["id"].view("<u8")
-            order = np.lexsort((ids, raw_key))
-            k_sorted, ids = raw_key[order], ids[order]
-            unique = np.ones(len(order), bool)
-            unique[1:] = (k_sorted[1:] != k_sorted[:-1]) | (ids[1:] != ids[:-1])
-            order = order[unique]
+        sorted_key = raw_key if order is None else raw_key[order]
+        tie = sorted_key[1:] == sorted_key[:-1]
+        if tie.any():
+            # Only the runs of equal (entity, time) need the event ids: order each run by id
+            # (the runs stay in place) and drop a record equal to its predecessor.
+            if order is None:
+                order = np.arange(len(raw_key))
+            in_run = np.zeros(len(order), bool)
+            in_run[1:] |= tie
+            in_run[:-1] |= tie
+            run = np.flatnonzero(in_run)
+            ids = raw["id"].view("<u8")[order[run]]
+            run_key = sorted_key[run]
+            by_id = np.lexsort((ids, run_key))
+            order[run] = order[run][by_id]
+            ids = ids[by_id]
+            dup = (run_key[1:] == run_key[:-1]) & (ids[1:] == ids[:-1])
+            if dup.any():
+                keep_record = np.ones(len(order), bool)
+                keep_record[run[1:][dup]] = False
+                order = order[keep_record]
     take = (lambda a: a[order]) if order is not None else (lambda a: a)
     buf_key, ts, slot = take(raw_key), take(raw_ts), take(slot)
     values = take(raw["v"].reshape(len(raw), len(group.value_columns))) if group.value_columns else None
@@ -705,11 +806,11 @@ def _evaluate_group(
     for cv in views:
         applies = np.ones(len(rows), bool)
         for k in cv.extra_keys:
-            applies &= np.fromiter((events[i].get(k) is not None for i in rows), bool, len(rows))
+            applies &= batch.present(k)[rows]
         out.applies[cv.name][ev_index[applies]] = True
         if not cv.extra_keys:
             latest_slots = np.arange(n_slots, dtype=np.int64)
-            latest_events = [events[rows[js[0]]] for js in entity_rows]
+            latest_keys = {k: [e[j] for e in entity_keys] for j, k in enumerate(group.base_keys)}
             _view_values(
                 cv,
                 keys,
@@ -720,23 +821,21 @@ def _evaluate_group(
                 ev_slot,
                 ev_ts,
                 latest_slots,
-                latest_events,
+                latest_keys,
                 with_event_values,
                 out,
             )
             continue
         if not applies.any():
-            out.latest[cv.name] = _latest_table(cv, {}, np.empty(0, np.int64), [])
+            out.latest[cv.name] = _latest_table(cv, {}, np.empty(0, np.int64), {})
             continue
         # A finer view (e.g. user x merchant in the user's buffer): its entities are the distinct
         # (buffer, extra keys) pairs; records of other entities are filtered by the extra keys.
         positions = [group.extra_keys.index(k) for k in cv.extra_keys]
         rec_x = extras[:, positions]
         keep = (rec_x != _NULL_KEY).all(axis=1)
-        sel_rows = [rows[j] for j in np.flatnonzero(applies)]
-        ev_x = np.array([[events[i][k] for k in cv.extra_keys] for i in sel_rows], dtype=np.int64).reshape(
-            len(sel_rows), -1
-        )
+        sel_rows = rows[applies]
+        ev_x = np.stack([batch.ints(k)[0][sel_rows] for k in cv.extra_keys], axis=1)
         # Entity ids by one lexsort over (buffer, extra keys, time) of the records and the events.
         n_rec = int(keep.sum())
         c_slot = np.concatenate([slot[keep], ev_slot[applies]])
@@ -756,7 +855,10 @@ def _evaluate_group(
         f_values = values[keep][rec_order] if values is not None else None
         touched, first = np.unique(fine_ev, return_index=True)
         sel_index = ev_index[applies]
-        latest_events = [events[int(sel_index[j])] for j in first]
+        first_slots = ev_slot[applies][first].tolist()
+        latest_keys = {k: [entity_keys[s][j] for s in first_slots] for j, k in enumerate(group.base_keys)}
+        for j, k in enumerate(cv.extra_keys):
+            latest_keys[k] = ev_x[first, j].tolist()
         _view_values(
             cv,
             fine_keys,
@@ -767,7 +869,7 @@ def _evaluate_group(
             fine_ev,
             ev_ts[applies],
             touched,
-            latest_events,
+            latest_keys,
             with_event_values,
             out,
         )
@@ -799,7 +901,7 @@ def _view_values(
     ev_ent: np.ndarray,
     ev_ts: np.ndarray,
     latest_ents: np.ndarray,
-    latest_events: list,
+    latest_keys: dict[str, list],
     with_event_values: bool,
     out: FoldResult,
 ) -> None:
@@ -829,17 +931,17 @@ def _view_values(
     seg_end = np.searchsorted(buf_key, (latest_ents + 1) << keys.shift, side="left")
     last_ts = ts[seg_end - 1]
     vals = _aggregates_at(cv, buf_key, columns, keys, latest_ents, last_ts)
-    out.latest[cv.name] = _latest_table(cv, vals, last_ts, latest_events)
+    out.latest[cv.name] = _latest_table(cv, vals, last_ts, latest_keys)
 
 
 def _latest_table(
-    cv: CompiledView, vals: dict[str, np.ndarray], last_ts: np.ndarray, first_events: list
+    cv: CompiledView, vals: dict[str, np.ndarray], last_ts: np.ndarray, key_values: dict[str, list]
 ) -> pa.Table:
     """The online store's rows: join keys, event_timestamp, features (NULL where NaN)."""
     columns: dict[str, pa.Array] = {}
     for k in cv.join_keys:
         typ = pa.int64() if _is_int_key(cv.view, k) else pa.string()
-        columns[k] = pa.array([e[k] for e in first_events], typ)
+        columns[k] = pa.array(key_values.get(k, []), typ)
     columns[EVENT_TIMESTAMP] = pa.array(last_ts.astype("datetime64[us]"), pa.timestamp("us", tz="UTC"))
     for a in cv.aggregations:
         v = vals.get(a.name, np.empty(0))
@@ -907,9 +1009,20 @@ def _aggregates_at(
     time in [q - window, q]. Returns float64 arrays (NaN = NULL), the SQL functions' semantics:
     count(*) counts rows, count(col) non-NULL values, sum/mean/min/max are NULL without values.
     Sums are sequential over each window (reduceat), not prefix differences, so they round like
-    SQL's sum rather than accumulate cancellation error."""
+    SQL's sum rather than accumulate cancellation error.
+
+    The queries are evaluated in (entity, time) order: reduceat also reduces the gap between one
+    window's end and the next one's start, so in arrival order (windows of entities all over the
+    buffer) it would sum most of the batch's records once per query."""
     m = len(q_ts)
-    hi = np.searchsorted(buf_key, keys.of(q_ent, q_ts), side="right")
+    q_key = keys.of(q_ent, q_ts)
+    unsort = None
+    if m > 1 and (np.diff(q_key) < 0).any():
+        by_key = np.argsort(q_key, kind="stable")
+        unsort = np.empty(m, np.int64)
+        unsort[by_key] = np.arange(m)
+        q_ent, q_ts, q_key = q_ent[by_key], q_ts[by_key], q_key[by_key]
+    hi = np.searchsorted(buf_key, q_key, side="right")
     results: dict[str, np.ndarray] = {}
     for w_index, window in enumerate(cv.windows_us):
         aggs = [a for a in cv.aggregations if a.window == w_index]
@@ -943,6 +1056,8 @@ def _aggregates_at(
             if a.function == "mean":
                 value = value / np.where(empty, 1.0, present)
             results[a.name] = np.where(empty, np.nan, value)
+    if unsort is not None:
+        results = {name: values[unsort] for name, values in results.items()}
     return results
 
 
