@@ -419,3 +419,26 @@ def test_trimmed_buffers_stay_exact_in_every_workers_cache(client, project):
         assert alone.cache.delta_reads > 100
     finally:
         alone.delete_state()
+
+
+def test_submitted_folds_and_a_dropped_reply_stay_exact(client, project):
+    """The stream worker's overlap: fold N+1 is sent while N is evaluated. A fold whose reply was
+    never collected (the worker dropped it after an error) is stale; the next folds still see
+    its records, exactly once."""
+    up = StreamingUpdater(client, project, [spend_view(), pair_view])
+    first = up.submit(BATCH_1)
+    first.collect()
+    second = up.submit(BATCH_2)  # sent before the first batch is evaluated
+    r1 = first.result(with_event_values=True)
+    for i, e in enumerate(BATCH_1):
+        _assert_values(_row(r1.at_event, "spend", i), AT_EVENT[e[EVENT_ID]], f"at {e[EVENT_ID]}")
+    dropped = second  # never collected
+    late = up.submit([ev("g", 1, T("2024-01-02 00:50"), 2.0)])
+    with pytest.raises(RuntimeError, match="stale"):
+        dropped.result()
+    got = late.result(with_event_values=True)
+    # 24h back from 01-02 00:50 is 01-01 00:50: d (01:00, 30), e (00:30 next day, 40) and g itself.
+    assert got.at_event["spend"]["rows_1h"][0] == 2
+    assert got.at_event["spend"]["sum_24h"][0] == pytest.approx(72.0, abs=TOL)
+    assert got.before["spend"]["sum_24h"][0] == pytest.approx(AT_EVENT["e"][6], abs=TOL)
+    up.close()

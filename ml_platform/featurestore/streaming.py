@@ -43,6 +43,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -166,7 +167,9 @@ class BufferCache:
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
-        self.full_reads = 0  # replies carrying a whole buffer (first read, evicted, or rewritten by another worker)
+        self.full_reads = (
+            0  # replies carrying a whole buffer (first read, evicted, or rewritten by another worker)
+        )
         self.delta_reads = 0  # replies carrying only what other workers appended (usually nothing)
         # key -> (epoch, cached length, records, when this worker last refreshed its expiry)
         self._entries: OrderedDict[bytes, tuple[int, int, bytes, float]] = OrderedDict()
@@ -449,8 +452,10 @@ class StreamingUpdater:
         self.state_expiry = state_expiry
         self.cache = BufferCache(cache_bytes)
         self._script = client.register_script(_FOLD_LUA)
-        # Wall seconds per part of `fold` (pack, script, cache, evaluate): the benchmark's breakdown.
+        # Wall seconds per part of `fold` (pack, script: waiting for its reply, cache, evaluate).
         self.phase_seconds: dict[str, float] = {"pack": 0.0, "script": 0.0, "cache": 0.0, "evaluate": 0.0}
+        self._sender: ThreadPoolExecutor | None = None  # sends fold scripts (see submit)
+        self._generation = 0  # of the last submitted fold
 
     # ---- keys
 
@@ -489,6 +494,21 @@ class StreamingUpdater:
         `events_from_frame` builds them from a DataFrame. An event is a row of a view when it has
         the view's timestamp and join keys. `compute=False` only folds (seeding).
         """
+        pending = self.submit(events, views, compute=compute)
+        if not compute:
+            pending.collect()
+            return FoldResult({}, {}, {}, {}, {})
+        return pending.result(with_event_values=with_event_values)
+
+    def submit(
+        self, events: Sequence[Mapping[str, Any]], views: Iterable[str] | None = None, *, compute: bool = True
+    ) -> PendingFold:
+        """Pack `events` and send their fold script without waiting for Redis: the caller can
+        compute something else meanwhile (the stream worker evaluates and scores the previous
+        batch), then `PendingFold.result()`. Scripts of one updater run in submission order.
+        Collect a fold before submitting the next: submitting makes an uncollected fold stale --
+        its reply is never applied to the worker cache (safe: the next replies carry those bytes
+        as if another worker had appended them) and its `collect()` / `result()` raise."""
         wanted = list(views) if views is not None else list(self.compiled)
         unknown = [v for v in wanted if v not in self.compiled]
         if unknown:
@@ -496,8 +516,7 @@ class StreamingUpdater:
                 f"no aggregated feature view {unknown}; the updater knows {sorted(self.compiled)}"
             )
         group_names = list(dict.fromkeys(self.compiled[v].group for v in wanted))
-        clock = time.perf_counter
-        began = clock()
+        began = time.perf_counter()
         batch = _Batch(events)
         now = time.monotonic()
         heads: list[bytes] = []
@@ -551,41 +570,31 @@ class StreamingUpdater:
             names += keys
             expiry = max(expiry, self._expiry_ms(group))
             plans.append((group, rows, slot, entity_keys, len(names)))
-        packed = clock()
-        replies = []
+        self._generation += 1
+        pending = PendingFold(
+            self, self._generation, batch, wanted, plans, names, sent, refreshes, now, compute
+        )
         if names:
             nonce = secrets.randbelow(2**36 - 1) + 1
-            replies = self._script(
-                keys=[],
-                args=[
-                    expiry,
-                    b"1" if compute else b"0",
-                    nonce,
-                    b"".join(heads),
-                    b"".join(key_blobs),
-                    b"".join(record_blobs),
-                ],
-            )
-        result = FoldResult({}, {}, {}, {}, {})
-        replied = clock()
-        phases = self.phase_seconds
-        phases["pack"] += packed - began
-        phases["script"] += replied - packed
-        if not compute:
-            return result
-        update = self.cache.update
-        blobs = [update(*item, now) for item in zip(names, replies, sent, refreshes)]
-        cached = clock()
-        phases["cache"] += cached - replied
-        start = 0
-        for group, rows, slot, entity_keys, stop in plans:
-            members = [self.compiled[v] for v in group.views if v in wanted]
-            _evaluate_group(
-                group, members, batch, rows, slot, entity_keys, blobs[start:stop], with_event_values, result
-            )
-            start = stop
-        phases["evaluate"] += clock() - cached
-        return result
+            args = [
+                expiry,
+                b"1" if compute else b"0",
+                nonce,
+                b"".join(heads),
+                b"".join(key_blobs),
+                b"".join(record_blobs),
+            ]
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="fold-script")
+            pending.future = self._sender.submit(self._script, keys=[], args=args)
+        self.phase_seconds["pack"] += time.perf_counter() - began
+        return pending
+
+    def close(self) -> None:
+        """Stop the thread that sends fold scripts (a new one starts if the updater is used again)."""
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
 
     # ---- housekeeping
 
@@ -609,6 +618,72 @@ class StreamingUpdater:
             self.fold(batch, compute=False)
             total += len(batch)
         return total
+
+
+class PendingFold:
+    """A submitted fold (`StreamingUpdater.submit`): `collect()` waits for the script's reply and
+    updates the worker cache; `result()` also computes the features."""
+
+    def __init__(self, updater, generation, batch, wanted, plans, names, sent, refreshes, now, compute):
+        self.updater = updater
+        self.generation = generation
+        self.batch = batch
+        self.wanted = wanted
+        self.plans = plans
+        self.names = names
+        self.sent = sent
+        self.refreshes = refreshes
+        self.now = now
+        self.compute = compute
+        self.future: Future | None = None
+        self._blobs: list[bytes] | None = None
+
+    def collect(self) -> list[bytes]:
+        """Wait for the script (raising its error); apply the reply to the cache. Returns the
+        buffers' records (before any trim), in script order."""
+        if self._blobs is not None:
+            return self._blobs
+        updater = self.updater
+        phases = updater.phase_seconds
+        began = time.perf_counter()
+        replies = self.future.result() if self.future is not None else []
+        replied = time.perf_counter()
+        phases["script"] += replied - began
+        if not self.compute:
+            self._blobs = []
+            return self._blobs
+        if self.generation != updater._generation:
+            raise RuntimeError(
+                "this fold's reply is stale (a later fold was submitted before it was collected); "
+                "collect a fold before submitting the next"
+            )
+        update, now = updater.cache.update, self.now
+        self._blobs = [update(*item, now) for item in zip(self.names, replies, self.sent, self.refreshes)]
+        phases["cache"] += time.perf_counter() - replied
+        return self._blobs
+
+    def result(self, *, with_event_values: bool = False) -> FoldResult:
+        """The features of the folded events (see `FoldResult`)."""
+        blobs = self.collect()
+        began = time.perf_counter()
+        result = FoldResult({}, {}, {}, {}, {})
+        start = 0
+        for group, rows, slot, entity_keys, stop in self.plans:
+            members = [self.updater.compiled[v] for v in group.views if v in self.wanted]
+            _evaluate_group(
+                group,
+                members,
+                self.batch,
+                rows,
+                slot,
+                entity_keys,
+                blobs[start:stop],
+                with_event_values,
+                result,
+            )
+            start = stop
+        self.updater.phase_seconds["evaluate"] += time.perf_counter() - began
+        return result
 
 
 # --------------------------------------------------------------------------- records
