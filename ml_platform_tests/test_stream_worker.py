@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
@@ -18,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from ml_platform import features as fr
 from ml_platform.featurestore.streaming import StreamingUpdater
 from ml_platform.registry import CHAMPION
+from ml_platform.serving import stream
 from ml_platform.serving.stream import (
     ChampionWatcher,
     FixedModel,
@@ -381,3 +384,47 @@ def test_the_worker_follows_the_champion_alias(tiny_platform, today_events, make
         watcher.stop()
     versions = [p["model_version"] for p in read_predictions(platform.redis, worker.names.output)]
     assert versions == [current] * 10 + [previous] * 10
+
+
+def test_batch_helpers_match_the_standard_library_exactly():
+    """The worker's batch shortcuts give what the per-event standard-library calls give: the
+    output times (`datetime.isoformat`), the payload JSON (`json.loads`, errors included) and the
+    emit script's u32-length-prefixed blob."""
+    rng = random.Random(0)
+    lo, hi = -62_135_596_800_000_000, 253_402_300_799_999_999  # year 1 .. 9999, in µs
+    stamps = [rng.randrange(lo, hi) for _ in range(2000)] + [lo, hi, -1, 0, 1, 1_700_000_000_000_000]
+    stamps += [s - s % 1_000_000 for s in stamps[:200]]  # whole seconds: no fraction in isoformat
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    want = [(epoch + timedelta(microseconds=s)).isoformat() for s in stamps]
+    got = [t + "+00:00" for t in stream._utc_iso_column(np.array(stamps, dtype=np.int64))]
+    assert got == want
+
+    def outcome(loads, payload):
+        try:
+            return loads(payload)
+        except Exception as exc:  # noqa: BLE001 - the same error is part of the contract
+            return type(exc), str(exc)
+
+    payloads = [
+        b'{"a": 1}',
+        b"{",
+        b"{\x00",
+        b'{\x00"\x00}\x00',
+        '{"a":"é"}'.encode(),
+        '{"a":"é"}'.encode("utf-16"),
+        b'{"a":"\xff"}',
+        b'{"a":"\xed\xa0\x80"}',
+        b"\xef\xbb\xbf{}",
+        b"[1]",
+        b"",
+        b'{"a":1} x',
+        '{"a":1}',
+    ]
+    payloads += [b"{" + bytes(rng.randrange(256) for _ in range(rng.randrange(6))) for _ in range(2000)]
+    for payload in payloads:
+        assert outcome(stream._loads, payload) == outcome(json.loads, payload), payload
+
+    items = [(b"1-0", "key:é", "x" * 70_000), (b"", 7, "")]
+    fields = [b"1-0", "key:é".encode(), b"x" * 70_000, b"", b"7", b""]
+    assert stream._pack(items) == b"".join(len(f).to_bytes(4, "little") + f for f in fields)
+    assert stream._pack([]) == b""

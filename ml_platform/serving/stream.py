@@ -62,6 +62,7 @@ from ml_platform.featurestore.streaming import (
     from_us,
     to_us,
 )
+from ml_platform.serving.fast_scorer import EVENT_US
 from ml_platform.serving.scoring import LoadedModel, assemble_features
 
 _log = logging.getLogger(__name__)
@@ -146,12 +147,17 @@ return {written, dupes, dead}
 
 def _pack(items: Iterable[Sequence[Any]]) -> bytes:
     """Items of strings/bytes as one blob of u32-length-prefixed fields (the emit script's input)."""
-    parts: list[bytes] = []
-    for item in items:
-        for value in item:
-            b = value if isinstance(value, bytes) else str(value).encode()
-            parts.append(len(b).to_bytes(4, "little"))
-            parts.append(b)
+    values = [
+        v.encode() if type(v) is str else v if isinstance(v, bytes) else str(v).encode()
+        for item in items
+        for v in item
+    ]
+    if not values:
+        return b""
+    # Field after field: its length (u32, little-endian; the headers made in one numpy call), its bytes.
+    parts: list[bytes] = [b""] * (2 * len(values))
+    parts[0::2] = np.fromiter(map(len, values), dtype="<u4", count=len(values)).view("V4").tolist()
+    parts[1::2] = values
     return b"".join(parts)
 
 
@@ -330,6 +336,17 @@ def _valid_transaction(obj: dict) -> dict[str, Any] | None:
     }
 
 
+_JSON_DECODER = json.JSONDecoder()  # what json.loads decodes with, given default arguments
+
+
+def _loads(payload: bytes | str) -> Any:
+    """`json.loads(payload)`, without its encoding detection for the usual payload: bytes starting
+    with '{' and a non-NUL byte, which json.loads decodes as UTF-8 (`json.detect_encoding`)."""
+    if type(payload) is bytes and payload[:1] == b"{" and payload[1:2] != b"\x00":
+        return _JSON_DECODER.decode(payload.decode("utf-8", "surrogatepass"))
+    return json.loads(payload)
+
+
 def parse_event(payload: bytes | str | None) -> dict[str, Any]:
     """A validated event from an entry's JSON payload, or MalformedEvent naming the problem.
 
@@ -340,7 +357,7 @@ def parse_event(payload: bytes | str | None) -> dict[str, Any]:
     if payload is None:
         raise MalformedEvent(f"entry has no {EVENT_FIELD!r} field holding the event JSON")
     try:
-        obj = json.loads(payload)
+        obj = _loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedEvent(f"payload is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -876,17 +893,26 @@ class StreamWorker:
 
         clock.lap("parse")
         # Already decided (a replay): acknowledge only.
+        done_keys: list[str] = []  # the transactions' done keys (`_done_key`), kept for the emit
         if transactions or labels:
-            done_keys = [self._done_key(e) for _, e in transactions] + [self._done_key(e) for _, e in labels]
-            flags = iter([value is not None for value in self.client.mget(done_keys)])
-            fresh_tx, fresh_lb = [], []
-            for item in transactions:
-                (acks.append(item[0]) if next(flags) else fresh_tx.append(item))
-            for item in labels:
-                (acks.append(item[0]) if next(flags) else fresh_lb.append(item))
+            prefix = self.names.done_prefix
+            done_keys = [prefix + e[EVENT_ID] for _, e in transactions]
+            flags = [
+                value is not None
+                for value in self.client.mget(done_keys + [self._done_key(e) for _, e in labels])
+            ]
+            fresh_tx, fresh_keys, fresh_lb = [], [], []
+            for item, key, done in zip(transactions, done_keys, flags):
+                if done:
+                    acks.append(item[0])
+                else:
+                    fresh_tx.append(item)
+                    fresh_keys.append(key)
+            for item, done in zip(labels, flags[len(transactions) :]):
+                (acks.append(item[0]) if done else fresh_lb.append(item))
             with self._stats_lock:
                 self.stats.duplicates += len(transactions) + len(labels) - len(fresh_tx) - len(fresh_lb)
-            transactions, labels = fresh_tx, fresh_lb
+            transactions, done_keys, labels = fresh_tx, fresh_keys, fresh_lb
         clock.lap("dedup")
 
         predictions: list[tuple[bytes, str, str, str, str]] = []
@@ -897,46 +923,14 @@ class StreamWorker:
             for name in self.transaction_views:
                 latest_rows[name] = folded.latest[name]
             clock.lap("fold")
+            event_us = np.fromiter([e[fr.EVENT_TS] for e in events], np.int64, len(events))
             looked_up: dict[str, Any] = {}
             if self.config.score:
-                scores, looked_up = self._score(events, folded, model)
+                scores, looked_up = self._score(events, event_us, folded, model)
             else:
                 scores = np.full(len(events), np.nan)
             clock.lap("score")
-            feature_columns = list(looked_up.items()) if self.config.include_features else []
-            scored_at = datetime.now(UTC).isoformat()
-            threshold = model.contract.decision_threshold if model is not None else None
-            # The prediction JSON from a template (json.dumps of a dict per event cost more than
-            # the model); strings that could need escaping go through json.dumps.
-            version = "null" if model is None else int(model.version)
-            fixed = (
-                f',"threshold":{_json_number(threshold)},"model_version":{version},'
-                f'"scored_at":"{scored_at}","consumer":{json.dumps(self.consumer)}'
-            )
-            done_prefix = self.names.done_prefix
-            for i, ((entry_id, event), score) in enumerate(zip(transactions, scores.tolist())):
-                event_id = event[EVENT_ID]
-                quoted = json.dumps(event_id)
-                if math.isnan(score):
-                    probability, decision = "null", "null"
-                else:
-                    probability = repr(score)
-                    decision = (
-                        "null" if threshold is None else ('"fraud"' if score >= threshold else '"legit"')
-                    )
-                body = (
-                    f'{{"prediction_id":"stream-{quoted[1:]},"event_id":{quoted},"user_id":{event["user_id"]},'
-                    f'"merchant_id":{event["merchant_id"]},"event_timestamp":"{_utc_iso(event[EVENT_TIME])}",'
-                    f'"probability":{probability},"decision":{decision}{fixed},"input_id":"{_text(entry_id)}"'
-                )
-                if feature_columns:
-                    features = {name: _json_value(values[i]) for name, values in feature_columns}
-                    body += ',"features":' + json.dumps(features)
-                # The done key remembers the decision compactly: version, probability, decision.
-                summary = (
-                    f"v{model.version if model is not None else 0} {probability} {decision.strip(chr(34))}"
-                )
-                predictions.append((entry_id, done_prefix + event_id, event_id, body + "}", summary))
+            predictions = self._predictions(transactions, done_keys, event_us, scores, looked_up, model)
             clock.lap("output")
         label_done: list[tuple[bytes, str]] = []
         if labels:
@@ -970,6 +964,63 @@ class StreamWorker:
         clock.lap("online")
         self._finish(predictions, label_done, dead, acks)
         clock.lap("emit")
+
+    def _predictions(
+        self,
+        transactions: list[tuple[bytes, dict]],
+        done_keys: list[str],
+        event_us: np.ndarray,
+        scores: np.ndarray,
+        looked_up: Mapping[str, Any],
+        model: LoadedModel | None,
+    ) -> list[tuple[bytes, str, str, str, str]]:
+        """The emit script's prediction items: (entry id, done key, event id, prediction JSON,
+        decision summary). The JSON comes from a template (json.dumps of a dict per event cost more
+        than the model); strings that could need escaping are quoted as json.dumps quotes them.
+        What can be is computed for the whole batch first (times, probabilities, decisions)."""
+        scored_at = datetime.now(UTC).isoformat()
+        threshold = model.contract.decision_threshold if model is not None else None
+        version = "null" if model is None else int(model.version)
+        fixed = (
+            f',"threshold":{_json_number(threshold)},"model_version":{version},'
+            f'"scored_at":"{scored_at}","consumer":{_quote(self.consumer)},"input_id":"'
+        )
+        # (decision in the JSON, decision in the done key's summary "v<version> <probability> <decision>")
+        unknown = ("null", "null")
+        if threshold is None:
+            decisions = [unknown] * len(scores)
+        else:
+            fraud, legit = ('"fraud"', "fraud"), ('"legit"', "legit")
+            decisions = [fraud if flag else legit for flag in (scores >= threshold).tolist()]
+        probabilities = list(map(repr, scores.tolist()))
+        for i in np.flatnonzero(np.isnan(scores)).tolist():  # not scored
+            probabilities[i], decisions[i] = "null", unknown
+        tag = f"v{model.version if model is not None else 0} "
+        ids = [entry_id for entry_id, _ in transactions]
+        try:  # stream entry ids ("<ms>-<seq>") as text, decoded in one call
+            input_ids = b"\n".join(ids).decode().split("\n")
+        except TypeError:  # str ids (a client decoding its responses)
+            input_ids = [_text(entry_id) for entry_id in ids]
+        features: list[list] = []
+        names: list[str] = []
+        if self.config.include_features:
+            names = list(looked_up)
+            features = [_json_column(values) for values in looked_up.values()]
+        out = []
+        for i, ((entry_id, event), done_key, stamp, probability, (decision, word), input_id) in enumerate(
+            zip(transactions, done_keys, _utc_iso_column(event_us), probabilities, decisions, input_ids)
+        ):
+            event_id = event[EVENT_ID]
+            quoted = _quote(event_id)
+            body = (
+                f'{{"prediction_id":"stream-{quoted[1:]},"event_id":{quoted},"user_id":{event["user_id"]},'
+                f'"merchant_id":{event["merchant_id"]},"event_timestamp":"{stamp}+00:00",'
+                f'"probability":{probability},"decision":{decision}{fixed}{input_id}"'
+            )
+            if features:
+                body += ',"features":' + json.dumps(dict(zip(names, [column[i] for column in features])))
+            out.append((entry_id, done_key, event_id, body + "}", f"{tag}{probability} {word}"))
+        return out
 
     def flush(self) -> None:
         """Wait for the batch being written (if any); raises its error."""
@@ -1008,42 +1059,61 @@ class StreamWorker:
             plan = self._plans[model.version] = _ScoringPlan.of(model, self.transaction_views, self.online)
         return plan
 
-    def _score(self, events: list[dict], folded, model) -> tuple[np.ndarray, dict[str, Any]]:
-        """Fraud probabilities for the batch: one call of the model's scoring path (a
-        fast_scorer.ScoringPath) or, for a bare LoadedModel, assemble_features + predict_proba."""
+    def _score(
+        self, events: list[dict], event_us: np.ndarray, folded, model
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Fraud probabilities for the batch and the looked-up features the model saw (feature ->
+        the fold's float64 array, NaN for null, or the online store's list, None for null).
+        `event_us`: the events' times (int64 µs since the epoch).
+
+        One call of the model's scoring path on the batch's columns (a fast_scorer.ScoringPath's
+        `score_columns`) or, for a bare LoadedModel, assemble_features + predict_proba."""
         plan = self._plan(model)
-        looked_up: dict[str, Any] = {}
-        for view, feature in plan.stream_refs:
-            looked_up[feature] = folded.before[view][feature].tolist()
+        looked_up: dict[str, Any] = {
+            feature: folded.before[view][feature] for view, feature in plan.stream_refs
+        }
         if plan.online_refs:
-            looked_up.update(self._online_features(plan, events))
-        if hasattr(model, "score"):
-            transactions = [{**e, fr.EVENT_TS: e[EVENT_TIME]} for e in events]
-            return np.asarray(model.score(transactions, looked_up).probabilities, dtype=np.float64), looked_up
+            looked_up.update(self._online_features(plan, events, event_us))
+        n = len(events)
+        if hasattr(model, "score_columns"):
+            request: dict[str, Any] = {
+                "amount": np.fromiter([e["amount"] for e in events], np.float64, n),
+                EVENT_US: event_us,
+            }
+            for column in plan.request_columns:
+                request[column] = [e.get(column) for e in events]
+            return model.score_columns(request, looked_up), looked_up
         tx = pd.DataFrame({c: [e[c] for e in events] for c in plan.transaction_columns})
-        tx[fr.EVENT_TS] = pd.to_datetime(
-            np.array([e[fr.EVENT_TS] for e in events], dtype=np.int64), unit="us", utc=True
-        )
+        tx[fr.EVENT_TS] = pd.to_datetime(event_us, unit="us", utc=True)
         frame = assemble_features(tx, looked_up)
         return np.asarray(model.predict_proba(frame), dtype=np.float64), looked_up
 
-    def _online_features(self, plan: _ScoringPlan, events: list[dict]) -> dict[str, list]:
+    def _online_features(
+        self, plan: _ScoringPlan, events: list[dict], event_us: np.ndarray
+    ) -> dict[str, list]:
         """The online store's values of the views the stream does not update, as of each event:
-        a value older than the view's TTL at the event time is null (the offline join's rule)."""
-        rows = [{k: e[k] for k in plan.online_keys} for e in events]
+        a value older than the view's TTL at the event time is null (the offline join's rule).
+        The events themselves are the entity rows (they hold the join keys)."""
         # now=0: no wall-clock TTL filter here; the TTL is applied per event time below.
-        answer = self.online.read(plan.online_refs, rows, include_event_timestamps=True, now=0.0)
+        answer = self.online.read(plan.online_refs, events, include_event_timestamps=True, now=0.0)
         out: dict[str, list] = {}
         for view, features, ttl_us in plan.online_views:
-            stamps = answer[f"{view}__event_timestamp"]
-            if ttl_us is None:
-                stale = [ts is None for ts in stamps]
-            else:
-                span = timedelta(microseconds=ttl_us + LOOKUP_OFFSET_US)
-                stale = [ts is None or ts < e[EVENT_TIME] - span for ts, e in zip(stamps, events)]
+            stale = None
+            if ttl_us is not None:  # (unknown entities are null already: no event timestamp, no value)
+                span = ttl_us + LOOKUP_OFFSET_US
+                # A value at least this new is within the TTL at every event of the batch: only
+                # older ones are compared with their own event's time.
+                bound = from_us(int(event_us.max()) - span)
+                span_td = timedelta(microseconds=span)
+                stale = [
+                    ts is not None and ts < bound and ts < e[EVENT_TIME] - span_td
+                    for ts, e in zip(answer[f"{view}__event_timestamp"], events)
+                ]
+                if not any(stale):
+                    stale = None
             for feature in features:
                 values = answer[feature]
-                out[feature] = [None if s else v for v, s in zip(values, stale)] if any(stale) else values
+                out[feature] = values if stale is None else [None if s else v for v, s in zip(values, stale)]
         return out
 
 
@@ -1107,8 +1177,8 @@ class _ScoringPlan:
     stream_refs: tuple[tuple[str, str], ...]
     online_refs: tuple[str, ...]
     online_views: tuple[tuple[str, tuple[str, ...], int | None], ...]
-    online_keys: tuple[str, ...]
-    transaction_columns: tuple[str, ...]
+    request_columns: tuple[str, ...]  # the request's columns other than amount and time (score_columns)
+    transaction_columns: tuple[str, ...]  # the columns of the transactions frame (bare LoadedModel)
 
     @classmethod
     def of(cls, model, stream_views: Sequence[str], online: RedisOnlineStore) -> _ScoringPlan:
@@ -1122,7 +1192,6 @@ class _ScoringPlan:
                 online_refs.append(ref)
                 by_view.setdefault(view, []).append(feature)
         views = []
-        keys: list[str] = []
         for view, feats in by_view.items():
             definition = online.views.get(view)
             if definition is None:
@@ -1137,7 +1206,9 @@ class _ScoringPlan:
             ttl = definition.ttl
             ttl_us = None if not ttl else (ttl.days * 86400 + ttl.seconds) * 1_000_000 + ttl.microseconds
             views.append((view, tuple(feats), ttl_us))
-            keys += [k for k in definition.join_keys if k not in keys]
+        request = [
+            c for c in (*model.contract.request_columns, "country") if c not in ("amount", fr.EVENT_TS)
+        ]
         columns = [
             "transaction_id",
             "user_id",
@@ -1145,15 +1216,16 @@ class _ScoringPlan:
             *[c for c in fr.REQUEST_COLUMNS if c != fr.EVENT_TS],
         ]
         return cls(
-            tuple(stream), tuple(online_refs), tuple(views), tuple(keys), tuple(dict.fromkeys(columns))
+            tuple(stream),
+            tuple(online_refs),
+            tuple(views),
+            tuple(dict.fromkeys(request)),
+            tuple(dict.fromkeys(columns)),
         )
 
 
-def _utc_iso(when: datetime) -> str:
-    return (when if when.utcoffset() == _ZERO else when.astimezone(UTC)).isoformat()
-
-
-_ZERO = timedelta(0)
+# json.dumps of a string (default arguments), without json.dumps' per-call overhead.
+_quote = json.encoder.encode_basestring_ascii
 
 
 def _json_number(value: float | None) -> str:
@@ -1166,6 +1238,26 @@ def _json_value(value: Any) -> Any:
         return value
     value = value.item() if hasattr(value, "item") else value
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _utc_iso_column(event_us: np.ndarray) -> list[str]:
+    """`datetime.isoformat()` of each time (int64 µs since the epoch) in UTC, without its
+    "+00:00" suffix ('2026-11-26T10:00:00.123456', or '2026-11-26T10:00:00' on a whole second),
+    formatted by numpy for the whole batch."""
+    stamps = event_us.astype("datetime64[us]")
+    text = np.datetime_as_string(stamps, unit="us")
+    whole = event_us % 1_000_000 == 0
+    if whole.any():  # isoformat leaves out a zero fraction
+        text = text.astype(object)
+        text[whole] = np.datetime_as_string(stamps[whole], unit="s")
+    return text.tolist()
+
+
+def _json_column(values: Sequence | np.ndarray) -> list:
+    """A looked-up feature column as JSON-ready values: `_json_value` of each value."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        return [None if math.isnan(v) else v for v in values.tolist()]
+    return [_json_value(v) for v in values]
 
 
 def _text(value: Any) -> str:
