@@ -428,3 +428,42 @@ def test_batch_helpers_match_the_standard_library_exactly():
     fields = [b"1-0", "key:é".encode(), b"x" * 70_000, b"", b"7", b""]
     assert stream._pack(items) == b"".join(len(f).to_bytes(4, "little") + f for f in fields)
     assert stream._pack([]) == b""
+
+
+class _PoisonedPath:
+    """The champion's scoring path, except that a batch holding the amount 666.0 raises."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __getattr__(self, name):
+        return getattr(self.path, name)
+
+    def score_columns(self, request, looked_up):
+        if (request["amount"] == 666.0).any():
+            raise RuntimeError("poisoned amount")
+        return self.path.score_columns(request, looked_up)
+
+
+def test_a_failing_event_in_the_pipelined_loop_is_isolated_and_nothing_is_lost(
+    tiny_platform, champion, make_worker
+):
+    """Small batches, so the fold of the next batch is in flight when the poisoned one fails:
+    only the poisoned event is dead-lettered; every other event gets exactly one prediction."""
+    platform = tiny_platform
+    worker = make_worker(seed=False, batch_size=4, model_source=FixedModel(_PoisonedPath(champion)))
+    assert worker.config.pipeline
+    t = datetime(2030, 3, 1, tzinfo=UTC)
+    events = [_txn(f"p{i}", 20_000_000 + i % 7, t + timedelta(seconds=i), 10.0 + i) for i in range(30)]
+    events[13]["amount"] = 666.0
+    publish_payloads(platform.redis, worker.names.input, [json.dumps(e) for e in events])
+    worker.run(until_idle=True)
+    dead = platform.redis.xrange(worker.names.dead_letter)
+    assert [json.loads(f[b"payload"])["transaction_id"] for _, f in dead] == ["p13"]
+    assert "processing failed: RuntimeError: poisoned amount" in dead[0][1][b"reason"].decode()
+    predicted = [p["event_id"] for p in read_predictions(platform.redis, worker.names.output)]
+    assert sorted(predicted) == sorted(e["transaction_id"] for i, e in enumerate(events) if i != 13)
+    assert platform.redis.xpending(worker.names.input, worker.config.group)["pending"] == 0
+    # The user-level counts saw every event once, the poisoned one too (it was folded, not scored).
+    assert worker.stats.predictions == 29 and worker.stats.dead_letters == 1
+    worker.close()

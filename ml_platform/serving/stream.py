@@ -57,6 +57,7 @@ from ml_platform.featurestore.online import OnlineStoreError, RedisOnlineStore
 from ml_platform.featurestore.streaming import (
     EVENT_ID,
     LOOKUP_OFFSET_US,
+    PendingFold,
     StreamingUpdater,
     events_from_frame,
     from_us,
@@ -605,6 +606,8 @@ class WorkerStats:
     model_version: int | None = None
     started: float = field(default_factory=time.monotonic)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # the fold's parts (pack, script wait, cache, evaluate): the updater's own clock
+    fold_seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         seconds = time.monotonic() - self.started
@@ -621,6 +624,7 @@ class WorkerStats:
             "seconds": round(seconds, 3),
             "entries_per_s": round(self.entries / seconds, 1) if seconds > 0 else 0.0,
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+            "fold_seconds": {k: round(v, 3) for k, v in self.fold_seconds.items()},
         }
 
 
@@ -660,7 +664,7 @@ class StreamWorker:
         self.config = config or StreamConfig()
         self.names = stream_names(project, self.config)
         self.consumer = self.config.consumer or default_consumer_name()
-        self.stats = WorkerStats()
+        self.stats = WorkerStats(fold_seconds=updater.phase_seconds)
         self._emit = client.register_script(_EMIT_LUA)
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
@@ -668,6 +672,7 @@ class StreamWorker:
         self._plans: dict[int, _ScoringPlan] = {}
         self._stats_lock = threading.Lock()
         self._sink = _Sink(self._write, self.consumer) if self.config.pipeline else None
+        self._inflight: _InFlight | None = None  # read and folded, not yet scored (pipelined)
         # Views folded by transaction events (looked up from the buffers) and by label events.
         self.transaction_views = [
             n for n, cv in updater.compiled.items() if cv.timestamp_field == fr.EVENT_TS
@@ -708,7 +713,9 @@ class StreamWorker:
         self.ensure_group()
         backoff = 0.5
         while True:
-            if stop.is_set() or (max_entries is not None and self.stats.entries >= max_entries):
+            if stop.is_set() or (
+                max_entries is not None and self.stats.entries + self.in_flight >= max_entries
+            ):
                 try:
                     self.flush()
                     break
@@ -726,6 +733,7 @@ class StreamWorker:
             except RETRYABLE as exc:
                 self.stats.retries += 1
                 self._own_pending = True
+                self._inflight = None  # its entries stay pending: read again
                 _log.warning("stream worker %s: %s; retrying in %.1f s", self.consumer, exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -735,12 +743,15 @@ class StreamWorker:
         return self.stats
 
     def close(self) -> None:
-        """Finish the batch being written and stop the sink thread."""
-        if self._sink is not None:
-            try:
-                self._sink.wait()
-            finally:
-                self._sink.close()
+        """Finish the batch being written and stop the sink and fold-script threads."""
+        try:
+            if self._sink is not None:
+                try:
+                    self._sink.wait()
+                finally:
+                    self._sink.close()
+        finally:
+            self.updater.close()
 
     def step(self) -> int:
         """One batch: this consumer's own pending entries first, then stale entries of other
@@ -763,22 +774,87 @@ class StreamWorker:
             entries = self.claim_stale()
             if len(entries) < self.config.batch_size:
                 self._next_claim = time.monotonic() + self.config.claim_interval_s
+        fresh = False
         if not entries and not self._own_pending:
             reply = self.client.xreadgroup(
                 self.config.group,
                 self.consumer,
                 {self.names.input: ">"},
                 count=self.config.batch_size,
-                block=self.config.block_ms or None,
+                # with a batch in flight, finish it rather than wait for new entries
+                block=None if self._inflight is not None else (self.config.block_ms or None),
             )
             entries = reply[0][1] if reply else []
+            fresh = True
         if not entries:
+            self._drain()
             return 0
         self.stats.phase_seconds["read"] = (
             self.stats.phase_seconds.get("read", 0.0) + time.perf_counter() - began
         )
-        self.process(entries, model)
+        if fresh and self.config.pipeline:
+            self._pipelined(entries, model)
+        else:
+            self._drain()
+            self.process(entries, model)
         return len(entries)
+
+    def _pipelined(self, entries, model: LoadedModel | None) -> None:
+        """Overlap Redis with Python: this batch's fold script runs in Redis while the previous
+        batch is evaluated, scored and handed to the sink (one batch in flight). Any failure
+        drops the overlap: a failed batch goes through `process` (isolating a bad event), and a
+        batch whose fold was already sent stays pending and is read again (`_own_pending`)."""
+        previous, self._inflight = self._inflight, None
+        try:
+            current = self._prepare(entries, model)
+            if previous is not None and previous.fold is not None:
+                previous.fold.collect()  # its reply, before this batch's fold reads the cache
+        except RETRYABLE:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the failing event, both batches synchronously
+            if previous is not None:
+                self.process(previous.entries, previous.model)
+            self.process(entries, model)
+            return
+        try:
+            self._fold_submit(current)
+        except RETRYABLE:
+            raise
+        except Exception:  # noqa: BLE001
+            if previous is not None:
+                self._complete_or_isolate(previous)
+            self.process(entries, model)
+            return
+        self._inflight = current
+        if previous is not None:
+            try:
+                self._complete(previous)
+            except RETRYABLE:
+                self._inflight = None
+                raise
+            except Exception:  # noqa: BLE001 - this batch is re-read from the pending list
+                self._inflight = None
+                self._own_pending = True
+                self.process(previous.entries, previous.model)
+
+    def _complete_or_isolate(self, batch: _InFlight) -> None:
+        try:
+            self._complete(batch)
+        except RETRYABLE:
+            raise
+        except Exception:  # noqa: BLE001
+            self.process(batch.entries, batch.model)
+
+    def _drain(self) -> None:
+        """Finish the batch in flight (if any)."""
+        batch, self._inflight = self._inflight, None
+        if batch is not None:
+            self._complete_or_isolate(batch)
+
+    @property
+    def in_flight(self) -> int:
+        """Entries read and folded but not yet scored (the pipelined batch)."""
+        return len(self._inflight.entries) if self._inflight is not None else 0
 
     def claim_stale(self) -> list:
         """XAUTOCLAIM entries idle longer than `claim_idle_ms` (their worker died); an entry
@@ -860,6 +936,14 @@ class StreamWorker:
             self.process(entries[half:], model)
 
     def _process(self, entries, model: LoadedModel | None) -> None:
+        """One batch, start to finish (the path of claimed, own-pending and isolated entries)."""
+        batch = self._prepare(entries, model)
+        self._fold_submit(batch)
+        self._complete(batch)
+
+    def _prepare(self, entries, model: LoadedModel | None) -> _InFlight:
+        """Parse and validate (malformed entries become dead letters), drop events already
+        decided (replays). Touches no feature state."""
         clock = _PhaseClock(self.stats.phase_seconds)
         field_name = EVENT_FIELD.encode()
         transactions: list[tuple[bytes, dict]] = []
@@ -914,12 +998,32 @@ class StreamWorker:
                 self.stats.duplicates += len(transactions) + len(labels) - len(fresh_tx) - len(fresh_lb)
             transactions, done_keys, labels = fresh_tx, fresh_keys, fresh_lb
         clock.lap("dedup")
+        return _InFlight(entries, model, transactions, done_keys, labels, dead, acks)
 
+    def _fold_submit(self, batch: _InFlight) -> None:
+        """Fold the batch's labels (they produce no prediction) and send its transactions' fold
+        script without waiting for it (`StreamingUpdater.submit`)."""
+        clock = _PhaseClock(self.stats.phase_seconds)
+        if batch.labels:
+            events = [e for _, e in batch.labels]
+            folded = self.updater.fold(events, self.label_views)
+            for name in self.label_views:
+                batch.latest_rows[name] = folded.latest[name]
+            batch.label_done = [(entry_id, self._done_key(event)) for entry_id, event in batch.labels]
+        if batch.transactions:
+            batch.fold = self.updater.submit([e for _, e in batch.transactions], self.transaction_views)
+        clock.lap("fold")
+
+    def _complete(self, batch: _InFlight) -> None:
+        """Features (waiting for the fold script if it is still running), scores, outputs; then
+        the writes, in the sink thread when pipelined."""
+        clock = _PhaseClock(self.stats.phase_seconds)
+        transactions, done_keys, model = batch.transactions, batch.done_keys, batch.model
+        latest_rows, label_done, dead, acks = batch.latest_rows, batch.label_done, batch.dead, batch.acks
         predictions: list[tuple[bytes, str, str, str, str]] = []
-        latest_rows: dict[str, pa.Table] = {}
         if transactions:
             events = [e for _, e in transactions]
-            folded = self.updater.fold(events, self.transaction_views)
+            folded = batch.fold.result()
             for name in self.transaction_views:
                 latest_rows[name] = folded.latest[name]
             clock.lap("fold")
@@ -932,14 +1036,6 @@ class StreamWorker:
             clock.lap("score")
             predictions = self._predictions(transactions, done_keys, event_us, scores, looked_up, model)
             clock.lap("output")
-        label_done: list[tuple[bytes, str]] = []
-        if labels:
-            events = [e for _, e in labels]
-            folded = self.updater.fold(events, self.label_views)
-            for name in self.label_views:
-                latest_rows[name] = folded.latest[name]
-            label_done = [(entry_id, self._done_key(event)) for entry_id, event in labels]
-            clock.lap("fold")
         job = (latest_rows, predictions, label_done, dead, acks)
         if self._sink is not None:
             # The writes run in the sink thread while this thread reads and folds the next batch
@@ -949,7 +1045,7 @@ class StreamWorker:
             clock.lap("handoff")
         else:
             self._write(job, clock)
-        self.stats.entries += len(entries)
+        self.stats.entries += len(batch.entries)
         self.stats.batches += 1
         self.stats.labels += len(label_done)
 
@@ -1023,7 +1119,8 @@ class StreamWorker:
         return out
 
     def flush(self) -> None:
-        """Wait for the batch being written (if any); raises its error."""
+        """Finish the batch in flight and wait for the batch being written (if any); raises its error."""
+        self._drain()
         if self._sink is not None:
             self._sink.wait()
 
@@ -1115,6 +1212,23 @@ class StreamWorker:
                 values = answer[feature]
                 out[feature] = values if stale is None else [None if s else v for v, s in zip(values, stale)]
         return out
+
+
+@dataclass
+class _InFlight:
+    """A batch between reading and writing: parsed events, its fold (once submitted), the writes
+    gathered so far."""
+
+    entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]
+    model: LoadedModel | None
+    transactions: list[tuple[bytes, dict]]
+    done_keys: list[str]
+    labels: list[tuple[bytes, dict]]
+    dead: list[tuple[bytes, str, bytes]]
+    acks: list[bytes]
+    fold: PendingFold | None = None
+    latest_rows: dict[str, pa.Table] = field(default_factory=dict)
+    label_done: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 class _Sink:
