@@ -117,9 +117,14 @@ async def _closed_loop(url: str, bodies: list[bytes], connections: int, duration
             while loop.time() < deadline:
                 t = time.perf_counter()
                 try:
-                    async with session.post(
-                        url, data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}
-                    ) as resp:
+                    request = (
+                        session.post(
+                            url, data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}
+                        )
+                        if bodies
+                        else session.get(url)  # no bodies: GET (the bare /health baseline)
+                    )
+                    async with request as resp:
                         await resp.read()
                         ok = resp.status < 300
                 except Exception:  # noqa: BLE001

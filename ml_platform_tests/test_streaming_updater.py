@@ -370,7 +370,12 @@ def test_trimmed_buffers_stay_exact_in_every_workers_cache(client, project):
     start, n = T("2024-03-01 00:00"), 1500
     times = np.sort(start + rng.integers(0, 5 * 86_400_000_000, n))
     events = [
-        ev(f"t{i}", int(rng.integers(1, 4)), int(ts), None if rng.random() < 0.1 else float(rng.integers(1, 500)))
+        ev(
+            f"t{i}",
+            int(rng.integers(1, 4)),
+            int(ts),
+            None if rng.random() < 0.1 else float(rng.integers(1, 500)),
+        )
         for i, ts in enumerate(times)
     ]
     history: dict[int, list] = {}

@@ -27,11 +27,13 @@ From the buffer the updater answers three questions per folded event, each exact
   * `latest`: per entity, the aggregates at its newest row, with that row's time as the event
     timestamp: what the online store holds (written with `RedisOnlineStore.update_entities`).
 
-One Lua script call per batch appends each entity's new records, returns the bytes appended since
-this worker last read the buffer (`BufferCache`; the whole buffer on a first read), trims it when
-due and refreshes its expiry; the aggregates are then computed with numpy over all entities of
-the batch at once (each window query is two searchsorted calls over (entity, time) keys and a
-reduceat).
+One Lua script call per batch appends each entity's new records, returns only what this worker
+lacks (the bytes other workers appended since it last read the buffer, `BufferCache`; the whole
+buffer on a first read), trims it when due (telling the worker how much it dropped) and refreshes
+its expiry; the aggregates are then computed with numpy over all entities of the batch at once
+(each window query is two searchsorted calls over (entity, time) keys and a reduceat, queries in
+(entity, time) order). `submit` sends the script without waiting, so a worker can evaluate the
+previous batch while Redis runs it.
 """
 
 from __future__ import annotations
