@@ -28,8 +28,10 @@ from ml_platform.featurestore.definitions import FeatureView, FileSource
 ENTITY_TS = "event_timestamp"  # entity rows' time column (Feast convention)
 FEATURE_TS = "event_timestamp"  # feature tables' normalized time column
 CREATED_TS = "created_timestamp"  # feature tables' normalized tie-break column
-_ROW_ID = "__entity_row_id"
-_ENTITY_TABLE = "__entity_rows"
+# The entity rows relation `point_in_time_sql` joins from, and its row-number column: a caller
+# that streams its own entity rows (batch scoring) registers them under these names.
+ROW_ID = "__entity_row_id"
+ENTITY_TABLE = "__entity_rows"
 _ORDER_KEY = "__asof_order"
 
 # Arrow -> pandas: integer and boolean features come back as pandas nullable dtypes (Int64,
@@ -231,7 +233,7 @@ def entity_timestamps_utc(values: pd.Series) -> pd.Series:
 def _entity_arrow(entity_df: pd.DataFrame, timestamps: pd.Series, key_columns: list[str]) -> pa.Table:
     """The columns the join needs (row number, join keys, timestamp) as an Arrow table."""
     n = len(entity_df)
-    columns = {_ROW_ID: pa.array(np.arange(n, dtype=np.int64))}
+    columns = {ROW_ID: pa.array(np.arange(n, dtype=np.int64))}
     for key in key_columns:
         columns[key] = pa.array(entity_df[key], from_pandas=True)
     columns[ENTITY_TS] = pa.array(timestamps, type=pa.timestamp("us", tz="UTC"), from_pandas=True)
@@ -268,15 +270,15 @@ def point_in_time_sql(table: FeatureTable, features: list[tuple[str, str]]) -> s
             value = f"CASE WHEN f.{FEATURE_TS} >= e.{ENTITY_TS} - {interval_sql(ttl)} THEN {value} END"
         cols.append(f"{value} AS {quote_identifier(out)}")
     return (
-        f"SELECT e.{_ROW_ID}, {', '.join(cols)}\n"
-        f"FROM {_ENTITY_TABLE} e ASOF LEFT JOIN {right} f\n"
+        f"SELECT e.{ROW_ID}, {', '.join(cols)}\n"
+        f"FROM {ENTITY_TABLE} e ASOF LEFT JOIN {right} f\n"
         f"ON {' AND '.join(on)}"
     )
 
 
 def _in_entity_order(result: pa.Table, n_rows: int, view_name: str) -> pa.Table:
     """Put one view's answers back in entity-row order by their row number (scatter, no sort)."""
-    row_ids = result.column(_ROW_ID).to_numpy()
+    row_ids = result.column(ROW_ID).to_numpy()
     position = np.full(n_rows, -1, dtype=np.int64)
     position[row_ids] = np.arange(len(row_ids), dtype=np.int64)
     if len(row_ids) != n_rows or (n_rows and position.min() < 0):
@@ -284,7 +286,7 @@ def _in_entity_order(result: pa.Table, n_rows: int, view_name: str) -> pa.Table:
             f"point-in-time join for view {view_name!r} answered {len(row_ids)} of {n_rows} entity rows; "
             "this is a bug in the offline store"
         )
-    return result.drop_columns([_ROW_ID]).take(pa.array(position))
+    return result.drop_columns([ROW_ID]).take(pa.array(position))
 
 
 def point_in_time_join(
@@ -302,7 +304,7 @@ def point_in_time_join(
     timestamps = entity_timestamps_utc(entity_df[ENTITY_TS])
     keys = list(dict.fromkeys(k for table, _ in requests for k in table.view.join_keys))
     n = len(entity_df)
-    con.register(_ENTITY_TABLE, _entity_arrow(entity_df, timestamps, keys))
+    con.register(ENTITY_TABLE, _entity_arrow(entity_df, timestamps, keys))
     answered: dict[str, pa.ChunkedArray] = {}
     try:
         for table, features in requests:
@@ -317,7 +319,7 @@ def point_in_time_join(
             for _, out in features:
                 answered[out] = ordered.column(out)
     finally:
-        con.unregister(_ENTITY_TABLE)
+        con.unregister(ENTITY_TABLE)
     feature_frame = pa.table({name: answered[name] for name in output_columns}).to_pandas(
         types_mapper=_PANDAS_NULLABLE.get, self_destruct=True
     )

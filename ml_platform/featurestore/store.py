@@ -185,7 +185,7 @@ class FeatureStore:
                 "them in entity_df or pass full_feature_names=True"
             )
         with self._connect() as con:
-            requests = [(self._feature_table(con, view), pairs) for view, pairs in plan]
+            requests = [(self.feature_table(con, view), pairs) for view, pairs in plan]
             return offline.point_in_time_join(con, entity_df, requests, self._requested_order(features, plan))
 
     def latest_features(self, view_name: str, as_of: datetime) -> pa.Table:
@@ -194,7 +194,7 @@ class FeatureStore:
         (declared types). A naive `as_of` is taken as UTC. Sorted by join keys."""
         view = self.get_feature_view(view_name)
         with self._connect() as con:
-            table = self._feature_table(con, view)
+            table = self.feature_table(con, view)
             sql = offline.latest_sql(table)
             try:
                 return con.sql(sql, params={"as_of": offline.as_of_utc(as_of)}).to_arrow_table()
@@ -263,8 +263,11 @@ class FeatureStore:
         what = f"feature view {view.name!r} source {view.source.path!r}"
         offline.require_columns(offline.relation_columns(con, scan, what=what), needed, what=what)
 
-    def _feature_table(self, con, view: FeatureView) -> offline.FeatureTable:
-        """The view's values: its materialized table (aggregated views) or its raw source."""
+    def feature_table(self, con, view: FeatureView) -> offline.FeatureTable:
+        """The view's values as a relation for `offline.point_in_time_sql`, on connection `con`:
+        its materialized table (aggregated views; checked to be computed from the current
+        definition) or its raw source. Raises NotMaterializedError when the table is missing or
+        stale. Used by `get_historical_features` and by batch scoring's streaming joins."""
         if view.aggregations:
             path = self.offline_table_path(view.name)
             if not path.exists():

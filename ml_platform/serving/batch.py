@@ -88,8 +88,8 @@ PREDICTIONS_SCHEMA = pa.schema([(name, _ARROW_TYPES[t]) for name, t in PREDICTIO
 
 _EVENTS = "day_events"
 _ROW = "__row"
-_ENTITY_TABLE = offline._ENTITY_TABLE  # the entity-rows relation point_in_time_sql joins from
-_ENTITY_ROW_ID = offline._ROW_ID
+_ENTITY_TABLE = offline.ENTITY_TABLE  # the entity-rows relation point_in_time_sql joins from
+_ENTITY_ROW_ID = offline.ROW_ID
 _NULLABLE = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.bool_(): pd.BooleanDtype()}
 
 
@@ -343,7 +343,7 @@ def _stage_point_in_time_features(con, store, feature_refs: Sequence[str]) -> li
     for i, (view, features) in enumerate(zip(views, by_view.values())):
         # The store's own normalized view of the feature table (checks it is materialized and
         # computed from the current definition), joined with the training-set SQL.
-        table = store._feature_table(con, view)
+        table = store.feature_table(con, view)
         sql = offline.point_in_time_sql(table, [(f, f) for f in features])
         name = f"features_{i}"
         try:
