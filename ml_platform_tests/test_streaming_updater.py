@@ -447,3 +447,15 @@ def test_submitted_folds_and_a_dropped_reply_stay_exact(client, project):
     assert got.at_event["spend"]["sum_24h"][0] == pytest.approx(72.0, abs=TOL)
     assert got.before["spend"]["sum_24h"][0] == pytest.approx(AT_EVENT["e"][6], abs=TOL)
     up.close()
+
+
+def test_one_buffer_per_key_whatever_the_key_values_type(client, project):
+    """7 and "7" name the same buffer: two events of one batch, keyed both ways, see each other."""
+    up = StreamingUpdater(client, project, [spend_view()])
+    r = up.fold(
+        [ev("a", 7, T("2024-01-01 00:00"), 1.0), ev("b", "7", T("2024-01-01 00:10"), 2.0)],
+        with_event_values=True,
+    )
+    assert r.at_event["spend"]["rows_1h"].tolist() == [1.0, 2.0]
+    assert r.before["spend"]["sum_1h"][1] == pytest.approx(1.0)
+    assert r.latest["spend"].num_rows == 1

@@ -169,10 +169,10 @@ class BufferCache:
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
-        self.full_reads = (
-            0  # replies carrying a whole buffer (first read, evicted, or rewritten by another worker)
-        )
-        self.delta_reads = 0  # replies carrying only what other workers appended (usually nothing)
+        # replies carrying a whole buffer (first read, evicted, or rewritten by another worker) /
+        # only what other workers appended (usually nothing)
+        self.full_reads = 0
+        self.delta_reads = 0
         # key -> (epoch, cached length, records, when this worker last refreshed its expiry)
         self._entries: OrderedDict[bytes, tuple[int, int, bytes, float]] = OrderedDict()
 
@@ -765,16 +765,21 @@ class _Batch:
             if all(type(v) is int for v in picked):
                 unique, slot = np.unique(np.array(picked, np.int64), return_inverse=True)
                 return slot.reshape(-1).astype(np.int64), [(u,) for u in unique.tolist()]
+        # Other key types: grouped by the buffer key they map to (so 7, True/1 or "a" and the
+        # same value in another type never become two entries for one buffer).
         columns = [self.raw(k) for k in keys]
-        index: dict[tuple, int] = {}
+        index: dict[str, int] = {}
+        entities: list[tuple] = []
         slot = np.empty(len(rows), np.int64)
         for j, i in enumerate(rows.tolist()):
-            key = tuple([c[i] for c in columns])
-            s = index.get(key)
+            values = tuple([c[i] for c in columns])
+            name = ":".join([_key_part(v) for v in values])
+            s = index.get(name)
             if s is None:
-                s = index[key] = len(index)
+                s = index[name] = len(entities)
+                entities.append(values)
             slot[j] = s
-        return slot, list(index)
+        return slot, entities
 
 
 def _records(group: BufferGroup, batch: _Batch, rows: np.ndarray) -> np.ndarray:
