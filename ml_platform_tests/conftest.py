@@ -1,4 +1,5 @@
-"""Shared fixtures: every test gets its own data directory, MLflow store and Dagster home."""
+"""Shared fixtures: every test gets its own data directory, MLflow store and Dagster home; tests
+that talk to Redis directly get a client of the real server (`client`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import warnings
 
 import pytest
+import redis
+from fixtures_platform import TEST_REDIS_URL
 
 warnings.filterwarnings("ignore", message=".*noload.*")
 
@@ -23,3 +26,16 @@ def settings(tmp_path, monkeypatch):
     s = load_settings(dict(os.environ))
     s.ensure_dirs()
     return s
+
+
+@pytest.fixture()
+def client():
+    """A client of the real Redis (127.0.0.1:6379, or ML_PLATFORM_TEST_REDIS_URL); each test keys
+    its data under its own prefix and deletes it."""
+    c = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        c.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"these tests need the Redis server at {TEST_REDIS_URL} (.ci/run starts it)")
+    yield c
+    c.close()

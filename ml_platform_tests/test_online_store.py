@@ -88,17 +88,6 @@ def _wide_table(ids, value: float, ts: datetime, n_features: int = 20) -> pa.Tab
 
 
 @pytest.fixture()
-def client():
-    c = redis.Redis.from_url(REDIS_URL)
-    try:
-        c.ping()
-    except redis.ConnectionError:
-        pytest.fail("these tests need the Redis server on 127.0.0.1:6379 (.ci/run starts it)")
-    yield c
-    c.close()
-
-
-@pytest.fixture()
 def online(client):
     store = RedisOnlineStore(
         client, project=f"test_{uuid.uuid4().hex[:12]}", views=[profile, pair, country_risk]

@@ -12,7 +12,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import redis
 
 from ml_platform import features as fr
 from ml_platform.featurestore import Aggregation, Entity, FeatureStore, FeatureView, FileSource
@@ -37,17 +36,6 @@ TOL = 1e-9
 
 def T(text: str) -> int:
     return to_us(pd.Timestamp(text, tz="UTC"))
-
-
-@pytest.fixture()
-def client():
-    c = redis.Redis(host="127.0.0.1", port=6379)
-    try:
-        c.ping()
-    except redis.ConnectionError:
-        pytest.fail("these tests need the Redis server on 127.0.0.1:6379 (.ci/run starts it)")
-    yield c
-    c.close()
 
 
 @pytest.fixture()
