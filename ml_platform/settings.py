@@ -1,36 +1,96 @@
-"""Every setting of the platform, read from the environment with embedded defaults.
+"""Every setting and every platform-wide default, in one place.
 
-Defaults keep everything on this machine under one data directory, so a fresh clone runs with
-no server: DuckDB/Parquet files, the MLflow SQLite store and DAGSTER_HOME all live in `data/`.
-Point at real services with env vars: REDIS_URL, MLFLOW_TRACKING_URI, ML_PLATFORM_DATA_DIR.
+Settings are read from the environment (pydantic-settings) with embedded defaults that keep
+everything on this machine under one data directory, so a fresh clone runs with no server:
+DuckDB/Parquet files, the MLflow SQLite store, the embedded Redis and DAGSTER_HOME all live in
+`data/`. Point at real services with env vars (see README, "Settings"):
+
+    ML_PLATFORM_DATA_DIR, DAGSTER_HOME, MLFLOW_TRACKING_URI, REDIS_URL,
+    ML_PLATFORM_MODEL_NAME, ML_PLATFORM_PROJECT, ML_PLATFORM_PROMOTION_MARGIN,
+    ML_PLATFORM_STREAM_BATCH_SIZE
+
+The module-level constants below are the defaults every consumer (resources, CLI, generator,
+stream worker) derives from; nothing else writes these values down again.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import contextvars
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# --- Platform-wide defaults (the one copy of each) ---
+DEFAULT_MODEL_NAME = "fraud_detector"
+DEFAULT_PROJECT = "ml_platform"  # key prefix of everything the platform keeps in Redis
+DEFAULT_PROMOTION_METRIC = "pr_auc"
+# A challenger must beat the champion by strictly more than this on the same held-out rows.
+DEFAULT_PROMOTION_MARGIN = 0.0
+DEFAULT_STREAM_BATCH_SIZE = 1000  # events per XREADGROUP of the stream worker (measured best, docs/streaming.md)
+DEFAULT_STREAM_GROUP = "scorers"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_UI_PORT = 3000
 
-def _default_data_dir() -> Path:
-    return _REPO_ROOT / "data"
+
+class SyntheticDefaults:
+    """The synthetic population of the demo (generator, `event_source` resource and CLI)."""
+
+    seed = 7
+    n_users = 5000
+    n_merchants = 500
+    txns_per_user_per_day = 0.6
+    demo_days = 45
+    min_demo_days = 21  # labels settle 7 days after the event: shorter histories cannot split
 
 
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    dagster_home: Path
-    mlflow_tracking_uri: str
-    redis_url: str | None
-    model_name: str = "fraud_detector"
-    project: str = "ml_platform"
-    # Promotion: a challenger replaces the champion only if its PR AUC on the same held-out
-    # data beats the champion's by at least this much.
-    promotion_metric: str = "pr_auc"
-    promotion_margin: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
+class Settings(BaseSettings):
+    """Where the platform keeps things and which servers it talks to."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    data_dir: Path = Field(default=_REPO_ROOT / "data", validation_alias="ML_PLATFORM_DATA_DIR")
+    dagster_home: Path | None = Field(default=None, validation_alias="DAGSTER_HOME")
+    mlflow_tracking_uri: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_URI")
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    model_name: str = Field(default=DEFAULT_MODEL_NAME, validation_alias="ML_PLATFORM_MODEL_NAME")
+    project: str = Field(default=DEFAULT_PROJECT, validation_alias="ML_PLATFORM_PROJECT")
+    promotion_metric: str = DEFAULT_PROMOTION_METRIC
+    promotion_margin: float = Field(default=DEFAULT_PROMOTION_MARGIN, validation_alias="ML_PLATFORM_PROMOTION_MARGIN")
+    stream_batch_size: int = Field(
+        default=DEFAULT_STREAM_BATCH_SIZE, ge=1, le=10_000, validation_alias="ML_PLATFORM_STREAM_BATCH_SIZE"
+    )
+
+    @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        data_dir = Path(self.data_dir).expanduser().resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        home = Path(self.dagster_home or data_dir / "dagster_home").expanduser().resolve()
+        object.__setattr__(self, "dagster_home", home)
+        if not self.mlflow_tracking_uri:
+            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env = _ENVIRON.get()
+        return init_settings, (env_settings if env is None else _MappingEnvSource(settings_cls, env))
 
     @property
     def raw_dir(self) -> Path:
@@ -41,32 +101,42 @@ class Settings:
         return self.data_dir / "offline"
 
     @property
-    def duckdb_path(self) -> Path:
-        return self.data_dir / "warehouse.duckdb"
-
-    @property
     def mlflow_dir(self) -> Path:
         return self.data_dir / "mlflow"
+
+    @property
+    def predictions_log_dir(self) -> Path:
+        """The API's and the stream's prediction log, as Parquet (date=YYYY-MM-DD/ parts)."""
+        return self.data_dir / "predictions_log"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
 
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.dagster_home, self.raw_dir, self.offline_dir, self.mlflow_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 
-def load_settings(env: dict[str, str] | None = None) -> Settings:
-    """Build settings from `env` (default: os.environ)."""
-    env = dict(os.environ if env is None else env)
-    data_dir = Path(env.get("ML_PLATFORM_DATA_DIR") or _default_data_dir()).expanduser().resolve()
-    dagster_home = Path(env.get("DAGSTER_HOME") or data_dir / "dagster_home").expanduser().resolve()
-    mlflow_dir = data_dir / "mlflow"
-    tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    margin = env.get("ML_PLATFORM_PROMOTION_MARGIN")
-    return Settings(
-        data_dir=data_dir,
-        dagster_home=dagster_home,
-        mlflow_tracking_uri=tracking,
-        redis_url=env.get("REDIS_URL") or None,
-        model_name=env.get("ML_PLATFORM_MODEL_NAME") or "fraud_detector",
-        project=env.get("ML_PLATFORM_PROJECT") or "ml_platform",
-        promotion_margin=float(margin) if margin else 0.0,
-    )
+class _MappingEnvSource(EnvSettingsSource):
+    """Environment variables from a given mapping instead of os.environ (load_settings(env=...))."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._mapping = dict(env)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._mapping.items()}
+
+
+# The mapping load_settings(env=...) reads instead of os.environ (None: os.environ).
+_ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("settings_env", default=None)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `env` (default: os.environ), with the embedded defaults for what is unset."""
+    token = _ENVIRON.set(None if env is None else dict(env))
+    try:
+        return Settings()
+    finally:
+        _ENVIRON.reset(token)

@@ -839,8 +839,7 @@ _ENV_SETTINGS = "ML_PLATFORM_SERVING_SETTINGS"
 
 
 def _settings_payload(settings: Settings, config: ServingConfig, log_level: str) -> str:
-    data = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in asdict(settings).items()}
-    return json.dumps({"settings": data, "config": asdict(config), "log_level": log_level})
+    return json.dumps({"settings": settings.model_dump(mode="json"), "config": asdict(config), "log_level": log_level})
 
 
 def _configure_logging(log_level: str) -> None:
@@ -852,14 +851,9 @@ def _configure_logging(log_level: str) -> None:
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for multi-worker runs: settings and config travel in an env variable."""
-    from pathlib import Path
-
     payload = json.loads(os.environ[_ENV_SETTINGS])
     _configure_logging(payload.get("log_level", "info"))
-    s = payload["settings"]
-    for key in ("data_dir", "dagster_home"):
-        s[key] = Path(s[key])
-    return create_app(Settings(**s), ServingConfig(**payload["config"]))
+    return create_app(Settings(**payload["settings"]), ServingConfig(**payload["config"]))
 
 
 def run_server(
