@@ -99,17 +99,30 @@ def test_promotion_lifecycle_and_alias_history(registry_with_versions, trained):
     assert registry.champion().version == 1
     assert json.loads(registry.get_version(2).tags["promotion_decision"])["promoted"] is False
 
-    # A better one is promoted only if it clears the margin.
+    # A better one is promoted only if its gain is strictly greater than the margin.
+    gain = pr_auc["good"] - pr_auc["medium"]
+    assert gain > 0.01  # the fixture's premise, from metrics computed on the in-memory models
     assert not registry.promote_if_better(3, heldout, margin=1.0, who="alice").promoted
+    at_margin = registry.promote_if_better(3, heldout, margin=gain, who="alice")
+    assert not at_margin.promoted and "<= required margin" in at_margin.reason
+    assert registry.champion().version == 1
     better = registry.promote_if_better(3, heldout, margin=0.01, who="bob", why="better PR AUC")
     assert better.promoted and better.champion_version_before == 1
-    assert better.challenger_metric - better.champion_metric >= 0.01
+    assert better.challenger_metric == pytest.approx(pr_auc["good"])
+    assert better.champion_metric == pytest.approx(pr_auc["medium"])
     assert registry.champion().version == 3
     assert registry.get_version("previous-champion").version == 1
 
-    # An equally good challenger (same model) is promoted at margin 0: >= is enough.
+    # An equally good challenger (the same model again) keeps the champion at the default margin:
+    # re-training on identical data must not churn the registry or the audit trail.
+    moves_before = len(registry.alias_history())
     same = registry.promote_if_better(4, heldout, who="bob")
-    assert same.promoted and same.challenger_metric == pytest.approx(same.champion_metric)
+    assert not same.promoted and same.margin == 0.0
+    assert same.challenger_metric == same.champion_metric == pytest.approx(pr_auc["good"])
+    assert "improvement +0.0000 <= required margin 0.0000" in same.reason and "tie" in same.reason
+    assert registry.champion().version == 3 and len(registry.alias_history()) == moves_before
+    # A negative margin accepts a challenger that is not worse by more than it: here, the tie.
+    assert registry.promote_if_better(4, heldout, margin=-0.001, who="bob").promoted
     assert registry.champion_lineage() == [1, 3, 4]
 
     # Rollbacks walk back through the lineage and keep previous-champion one step behind.
@@ -185,6 +198,7 @@ def test_versions_carry_lineage_and_explicit_requirements(registry_with_versions
     assert run.data.tags["data_version"] == data_version(split.train)
     assert json.loads(run.data.tags["feature_refs"])[0] == "user_transaction_stats:txn_count_1h"
     assert run.data.params["max_iter"] == "30"
+    assert run.data.params["model_type"] == "hist_gradient_boosting" == v3.tags["model_type"]
     assert 0 < run.data.metrics["test_pr_auc"] <= 1 and "test_calibration" not in run.data.metrics
 
     # Everything lives under the SQLite file's directory; requirements are exactly ours.

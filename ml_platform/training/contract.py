@@ -8,7 +8,7 @@ model input with the same columns, order and dtypes as training did.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -17,8 +17,12 @@ import pandas as pd
 
 from ml_platform import features as platform_features
 from ml_platform.featurestore.definitions import FeatureView, String, parse_feature_ref
+from ml_platform.training.model_types import DEFAULT_MODEL_TYPE
+from ml_platform.values import is_missing
 
 CONTRACT_FILE = "contract.json"
+# model_type and known_categories were added without a bump: both have defaults that describe the
+# contracts written before them (every earlier model was HistGradientBoosting; no categories known).
 CONTRACT_SCHEMA_VERSION = 1
 
 
@@ -33,6 +37,9 @@ class ModelContract:
     categorical_features: input columns encoded as categories (strings; nulls allowed).
     input_columns: the model's input columns in order: numeric ones first, then categorical.
     decision_threshold: a row is flagged as fraud iff its probability >= this value.
+    model_type: the `training.model_types` name the model was built with.
+    known_categories: categorical input column -> the values seen in training (sorted); a value
+        outside them is one the model never saw (`unseen_categories`). Empty: not recorded.
     """
 
     feature_refs: tuple[str, ...]
@@ -47,6 +54,8 @@ class ModelContract:
     model_name: str | None = None
     model_version: int | None = None
     schema_version: int = CONTRACT_SCHEMA_VERSION
+    model_type: str = DEFAULT_MODEL_TYPE
+    known_categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +80,16 @@ class ModelContract:
                 f"ModelContract: decision_threshold must be in [0, 1], got {self.decision_threshold!r}"
             )
         object.__setattr__(self, "decision_threshold", float(self.decision_threshold))
+        known = {str(c): tuple(str(v) for v in values) for c, values in dict(self.known_categories).items()}
+        not_categorical = sorted(set(known) - set(self.categorical_features))
+        if not_categorical:
+            raise ValueError(
+                f"ModelContract: known_categories has columns {not_categorical} that are not categorical "
+                f"features {list(self.categorical_features)}"
+            )
+        object.__setattr__(self, "known_categories", known)
+        # Sets for membership tests (not a field: not compared, not serialised).
+        object.__setattr__(self, "_known_sets", {col: frozenset(values) for col, values in known.items()})
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -128,6 +147,10 @@ class ModelContract:
     def with_registration(self, model_name: str, model_version: int) -> ModelContract:
         return replace(self, model_name=model_name, model_version=int(model_version))
 
+    def with_training(self, model_type: str, known_categories: Mapping[str, Sequence[str]]) -> ModelContract:
+        """This contract as a trained model's: its model type and the categories seen in training."""
+        return replace(self, model_type=model_type, known_categories=dict(known_categories))
+
     # --- columns ------------------------------------------------------------------------------
     @property
     def numeric_features(self) -> tuple[str, ...]:
@@ -161,12 +184,36 @@ class ModelContract:
             out[col] = arr
         return pd.DataFrame(out, index=frame.index, columns=list(self.input_columns))
 
+    # --- values the model never saw -------------------------------------------------------------
+    def unseen_categories(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Per categorical column with recorded categories: a boolean mask of the rows whose value
+        is not null and was never seen in training. Columns absent from `frame` are skipped."""
+        out: dict[str, np.ndarray] = {}
+        for col, known in self._known_sets.items():
+            if col not in frame.columns:
+                continue
+            series = frame[col]
+            present = series.notna().to_numpy()
+            seen = series.astype(str).isin(known).to_numpy()
+            out[col] = present & ~seen
+        return out
+
+    def unseen_category_columns(self, row: Mapping[str, Any]) -> list[str]:
+        """The categorical columns of one row (e.g. a request) whose non-null value was never seen
+        in training; [] when none, or when the contract recorded no categories."""
+        return [
+            col
+            for col, known in self._known_sets.items()
+            if not is_missing(value := row.get(col)) and str(value) not in known
+        ]
+
     # --- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        d["known_categories"] = {col: list(values) for col, values in self.known_categories.items()}
         return d
 
     def to_json(self) -> str:

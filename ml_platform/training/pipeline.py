@@ -8,6 +8,7 @@ the Dagster assets that call these functions stay a few lines each:
   train_candidate    -> candidate.joblib + candidate_contract.json (fitted, not yet registered)
   evaluate_candidate -> evaluation.json (metrics on the test split)
   register_candidate -> an MLflow version (`challenger`), promoted to `champion` if it is better
+                        (a RegistrationResult: version, run, MLflow links, lineage, the decision)
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ml_platform import features as fr
+from ml_platform.settings import DEFAULT_PROMOTION_MARGIN, DEFAULT_PROMOTION_METRIC
 from ml_platform.sources import raw_events
 from ml_platform.training.contract import ModelContract
 from ml_platform.training.dataset import build_training_frame, data_version, time_split
+from ml_platform.training.model_types import DEFAULT_MODEL_TYPE
+from ml_platform.values import is_missing
 
 SPLIT = "split"
 TRAINING_SET = "training_set.parquet"
@@ -98,20 +102,28 @@ class Candidate:
     params: dict
     train_seconds: float
 
+    @property
+    def model_type(self) -> str:
+        return self.contract.model_type
 
-def train_candidate(data_dir: Path, params: dict | None = None, random_state: int = 0) -> Candidate:
-    """Fit the model on the train split, pick its threshold on the validation split."""
+
+def train_candidate(
+    data_dir: Path, params: dict | None = None, random_state: int = 0, model_type: str = DEFAULT_MODEL_TYPE
+) -> Candidate:
+    """Fit a `model_type` model (`training.model_types`; params validated over its defaults) on the
+    train split, pick its threshold on the validation split."""
     import joblib
 
-    from ml_platform.training.model import DEFAULT_PARAMS, train_model
+    from ml_platform.training.model import train_model
+    from ml_platform.training.model_types import get_model_type
 
+    used = {**get_model_type(model_type).validate_params(params), "random_state": int(random_state)}
     frame, version = load_training_set(data_dir)
     started = time.monotonic()
     model, contract = train_model(_split(frame, "train"), _split(frame, "validation"), params=params,
-                                  random_state=random_state)
+                                  random_state=random_state, model_type=model_type)
     took = time.monotonic() - started
     out = training_dir(data_dir)
-    used = {**DEFAULT_PARAMS, **(params or {}), "random_state": random_state}
     _atomic_write(out / CANDIDATE_CONTRACT, lambda tmp: tmp.write_text(json.dumps(
         {"contract": contract.to_dict(), "data_version": version, "params": used, "train_seconds": took})))
     path = _atomic_write(out / CANDIDATE, lambda tmp: joblib.dump(model, tmp))
@@ -145,37 +157,79 @@ def evaluate_candidate(data_dir: Path) -> dict:
     return result
 
 
-def register_candidate(data_dir: Path, registry, metric: str = "pr_auc", margin: float = 0.0,
-                       who: str | None = None) -> dict:
+def _numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not is_missing(v)}
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """What `register_candidate` did: the new version, where to find it, its lineage, the decision."""
+
+    model_name: str
+    version: int
+    model_type: str
+    run_id: str
+    experiment_id: str
+    model_uri: str  # models:/<name>/<version>
+    tracking_uri: str
+    model_ui_path: str  # #/models/<name>/versions/<version>, relative to MLflow's UI root
+    run_ui_path: str  # #/experiments/<id>/runs/<run_id>
+    model_ui_url: str | None  # absolute, when the tracking URI is an http(s) server; else None
+    run_ui_url: str | None
+    code_version: str
+    data_version: str
+    promoted: bool
+    reason: str
+    champion_version: int | None
+    decision: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register_candidate(data_dir: Path, registry, metric: str = DEFAULT_PROMOTION_METRIC,
+                       margin: float = DEFAULT_PROMOTION_MARGIN, who: str | None = None,
+                       code_version: str | None = None) -> RegistrationResult:
     """Register the evaluated candidate in MLflow with its lineage (as `challenger`), then promote it
-    to `champion` iff it beats the current champion on the same test split by `margin`."""
+    to `champion` iff it beats the current champion on the same test split by more than `margin`."""
+    from ml_platform.registry import current_code_version
+
     model, contract, info = load_candidate(data_dir)
     evaluation = json.loads(_need(training_dir(data_dir) / EVALUATION, "model_evaluation").read_text())
     frame, version = load_training_set(data_dir)
     if version != evaluation["data_version"] or version != info["data_version"]:
         raise RuntimeError("training set, candidate and evaluation disagree on the data version: rerun training")
     test = _split(frame, "test")
-    flat = {k: v for k, v in evaluation["test"].items() if isinstance(v, (int, float)) and v is not None}
-    flat.update({f"val_{k}": v for k, v in evaluation["validation"].items()
-                 if isinstance(v, (int, float)) and v is not None})
-    flat["train_seconds"] = info["train_seconds"]
+    flat = {**_numeric_metrics(evaluation["test"]), **_numeric_metrics(evaluation["validation"], "val_"),
+            "train_seconds": info["train_seconds"]}
+    code_version = code_version or current_code_version()
     registered = registry.log_and_register(
-        model, contract, metrics=flat, params=info["params"], data_version=version,
-        training_frame_sample=test.head(5), run_name=f"train-{version}", who=who,
+        model, contract, metrics=flat, params=info["params"], data_version=version, code_version=code_version,
+        training_frame_sample=test.head(5), run_name=f"train-{contract.model_type}-{version}", who=who,
     )
     decision = registry.promote_if_better(
         registered.version, test, metric=metric, margin=margin, who=who,
         why=f"training run {registered.run_id} on data {version}",
     )
     champion = registry.champion()
-    return {
-        "model": registry.model_name,
-        "version": registered.version,
-        "run_id": registered.run_id,
-        "model_uri": registered.model_uri,
-        "promoted": decision.promoted,
-        "reason": decision.reason,
-        "champion_version": champion.version if champion else None,
-        "decision": decision.to_dict(),
-        "data_version": version,
-    }
+    model_path, run_path = registry.model_ui_path(registered.version), registry.run_ui_path(registered.run_id)
+    return RegistrationResult(
+        model_name=registry.model_name,
+        version=registered.version,
+        model_type=contract.model_type,
+        run_id=registered.run_id,
+        experiment_id=registry.experiment_id,
+        model_uri=registered.model_uri,
+        tracking_uri=registry.tracking_uri,
+        model_ui_path=model_path,
+        run_ui_path=run_path,
+        model_ui_url=registry.ui_url(model_path),
+        run_ui_url=registry.ui_url(run_path),
+        code_version=code_version,
+        data_version=version,
+        promoted=decision.promoted,
+        reason=decision.reason,
+        champion_version=champion.version if champion else None,
+        decision=decision.to_dict(),
+    )
