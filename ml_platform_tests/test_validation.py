@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from ml_platform.features import CATEGORICAL_FEATURES, MODEL_FEATURE_REFS, REQUEST_FEATURES
 from ml_platform.sources import GeneratorConfig, generate_day, generate_users
+from ml_platform.transactions import TRANSACTION
 from ml_platform.validation import (
     RAW_TRANSACTIONS_SCHEMA,
     TRAINING_SET_SCHEMA,
@@ -101,7 +103,7 @@ def test_bad_country(clean_day):
     finding = _only(
         validate(df, "raw_transactions", now=NOW),
         "country",
-        "country is 2 uppercase letters (ISO 3166-1 alpha-2)",
+        "country: 1..2 characters, not blank, matching [A-Z]{2}",
     )
     assert (finding["failure_count"], finding["sample_values"]) == (2, ["usa", "fr"])
 
@@ -154,13 +156,14 @@ def test_unknown_category_is_a_warning_not_an_error(clean_day):
     assert report.warnings == [
         {
             "column": "merchant_category",
-            "check": "category is a known one",
+            "check": "merchant_category is a known one",
             "failure_count": 2,
             "sample_values": ["space_tourism", "space_tourism"],
             "sample_rows": [1, 2],
         }
     ]
-    strict = raw_transactions_schema(known_categories=["grocery"])
+    only_grocery = dataclasses.replace(TRANSACTION.field("merchant_category"), allowed=("grocery",))
+    strict = raw_transactions_schema(TRANSACTION.with_field(only_grocery))
     assert validate(clean_day, strict, now=NOW).warnings[0]["failure_count"] == int(
         (clean_day["merchant_category"] != "grocery").sum()
     )
@@ -169,7 +172,7 @@ def test_unknown_category_is_a_warning_not_an_error(clean_day):
         _only(
             validate(df, "raw_transactions", now=NOW),
             "merchant_category",
-            "category is a lowercase identifier",
+            "merchant_category: 1..64 characters, not blank, matching [a-z][a-z0-9_]*",
         )["failure_count"]
         == 1
     )
@@ -226,7 +229,7 @@ def test_users_schema():
     users.loc[3, "account_age_days"] = -5
     report = validate(users, USERS_SCHEMA, now=NOW)
     assert _only(report, "user_id", "field_uniqueness")["sample_rows"] == [0, 1]
-    assert _only(report, "home_country", "country is 2 uppercase letters (ISO 3166-1 alpha-2)")[
+    assert _only(report, "home_country", "home_country: 1..2 characters, not blank, matching [A-Z]{2}")[
         "sample_values"
     ] == ["Germany"]
     assert _only(report, "account_age_days", "greater_than_or_equal_to(0)")["sample_values"] == [-5]
