@@ -12,8 +12,8 @@ its first read until every event has its output:
 
   bare loop      a plain redis-py consumer-group loop: XREADGROUP, json.loads, XADD, XACK (no
                  validation, features or model): the floor any worker pays;
-  features only  the worker without the model (validation, dedup, feature fold, online update,
-                 atomic emit + ack);
+  features only  the worker with a model stand-in that reads no feature and scores nothing
+                 (`FeaturesOnly`: validation, dedup, feature fold, online update, atomic emit + ack);
   worker         the full worker with the champion (fast scorer when it passes its parity check);
   worker sklearn the full worker scoring with scikit-learn (assemble_features + predict_proba);
   2 workers      two worker processes in one consumer group.
@@ -37,9 +37,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ml_platform_tests"))
 
+import numpy as np
 import pandas as pd
 import redis
 
+from ml_platform.serving.champion import ChampionWatcher
 from ml_platform.serving.stream import (
     EVENT_FIELD,
     StreamConfig,
@@ -56,6 +58,26 @@ HISTORY = {
     "txns_per_user_per_day": 1.0,
     "fraud_rate": 0.02,
 }
+
+
+class _NoContract:
+    feature_refs: tuple[str, ...] = ()
+    request_columns: tuple[str, ...] = ()
+    decision_threshold = None
+
+
+class FeaturesOnly:
+    """A model source and model in one, for the "features only" run: the worker does everything
+    but score (each prediction has a null probability and decision); the model reads no feature."""
+
+    version = 0
+    contract = _NoContract()
+
+    def current(self) -> FeaturesOnly:
+        return self
+
+    def score_columns(self, request, looked_up) -> np.ndarray:
+        return np.full(len(request["amount"]), np.nan)
 
 
 def bare_loop(client: redis.Redis, stream: str, group: str, output: str, n: int, batch: int) -> float:
@@ -129,10 +151,10 @@ def redis_cpu_seconds(client: redis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def run_worker_in_process(settings, config: StreamConfig, n: int) -> tuple[float, dict]:
+def run_worker_in_process(settings, config: StreamConfig, n: int, model_source=None) -> tuple[float, dict]:
     """Time one in-process worker draining `n` entries; stats include its own and Redis's CPU."""
-    worker = build_worker(settings, config)
-    if worker.model_source is not None:
+    worker = build_worker(settings, config, model_source=model_source)
+    if isinstance(worker.model_source, ChampionWatcher):
         worker.model_source.check_now()
     worker.ensure_group()
     redis_before, cpu_before = redis_cpu_seconds(worker.client), time.process_time()
@@ -209,13 +231,13 @@ def main() -> None:
             "bare loop", bare_loop(client, names.input, "bare", f"{project}:stream:out_bare", n, args.batch)
         )
 
-        def worker_run(label: str, **overrides) -> dict:
+        def worker_run(label: str, model_source=None, **overrides) -> dict:
             reset_state(client, project)
             base = StreamConfig(
                 batch_size=args.batch, block_ms=200, claim_interval_s=3600, pipeline=not args.no_pipeline
             )
             seed = seed_once(
-                client, build_worker(settings, StreamConfig(score=False)).updater, names, settings.raw_dir
+                client, build_worker(settings, model_source=FeaturesOnly()).updater, names, settings.raw_dir
             )
             config = StreamConfig(
                 **{
@@ -225,7 +247,7 @@ def main() -> None:
                     **overrides,
                 }
             )
-            seconds, stats = run_worker_in_process(settings, config, n)
+            seconds, stats = run_worker_in_process(settings, config, n, model_source)
             assert client.xlen(config.output_stream) == n, (
                 f"{label}: {client.xlen(config.output_stream)} outputs for {n} events"
             )
@@ -238,7 +260,7 @@ def main() -> None:
             return stats
 
         if not args.skip_features_only:
-            worker_run("features only", score=False)
+            worker_run("features only", model_source=FeaturesOnly())
         worker_run("worker")
         if not args.skip_sklearn:
             worker_run("worker sklearn", scorer="sklearn")
@@ -246,7 +268,7 @@ def main() -> None:
         if not args.skip_two:
             reset_state(client, project)
             seed_once(
-                client, build_worker(settings, StreamConfig(score=False)).updater, names, settings.raw_dir
+                client, build_worker(settings, model_source=FeaturesOnly()).updater, names, settings.raw_dir
             )
             output = f"{project}:stream:out_two"
             config = {

@@ -20,20 +20,18 @@ from threadpoolctl import threadpool_limits
 from ml_platform import features as fr
 from ml_platform.featurestore.streaming import StreamingUpdater
 from ml_platform.registry import CHAMPION
-from ml_platform.serving import stream
+from ml_platform.serving.champion import ChampionWatcher, load_version
 from ml_platform.serving.stream import (
-    ChampionWatcher,
-    FixedModel,
     StreamConfig,
     StreamWorker,
     event_payloads,
-    load_version,
     parse_event,
     publish_events,
     publish_payloads,
     read_predictions,
     seed_from_raw,
 )
+from ml_platform.serving.stream.emit import pack_fields, utc_iso_column
 from ml_platform.sources.generator import GeneratorConfig, generate_day, write_partition
 
 try:
@@ -42,6 +40,16 @@ except ImportError:  # imported as a package
     from ml_platform_tests.fixtures_platform import SMALL_CONFIG, tiny_platform  # noqa: F401
 
 TOL = 1e-9
+
+
+class FixedModel:
+    """A model source that always serves one model (the worker's `model_source` interface)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def current(self):
+        return self.model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -387,47 +395,22 @@ def test_the_worker_follows_the_champion_alias(tiny_platform, today_events, make
 
 
 def test_batch_helpers_match_the_standard_library_exactly():
-    """The worker's batch shortcuts give what the per-event standard-library calls give: the
-    output times (`datetime.isoformat`), the payload JSON (`json.loads`, errors included) and the
-    emit script's u32-length-prefixed blob."""
+    """The emit's batch shortcuts give what the per-event standard-library calls give: the output
+    times (`datetime.isoformat`) and the emit script's u32-length-prefixed blob. (The payload
+    decoding is compared with `json.loads` in test_stream_events.py.)"""
     rng = random.Random(0)
     lo, hi = -62_135_596_800_000_000, 253_402_300_799_999_999  # year 1 .. 9999, in µs
     stamps = [rng.randrange(lo, hi) for _ in range(2000)] + [lo, hi, -1, 0, 1, 1_700_000_000_000_000]
     stamps += [s - s % 1_000_000 for s in stamps[:200]]  # whole seconds: no fraction in isoformat
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
     want = [(epoch + timedelta(microseconds=s)).isoformat() for s in stamps]
-    got = [t + "+00:00" for t in stream._utc_iso_column(np.array(stamps, dtype=np.int64))]
+    got = [t + "+00:00" for t in utc_iso_column(np.array(stamps, dtype=np.int64))]
     assert got == want
-
-    def outcome(loads, payload):
-        try:
-            return loads(payload)
-        except Exception as exc:  # noqa: BLE001 - the same error is part of the contract
-            return type(exc), str(exc)
-
-    payloads = [
-        b'{"a": 1}',
-        b"{",
-        b"{\x00",
-        b'{\x00"\x00}\x00',
-        '{"a":"é"}'.encode(),
-        '{"a":"é"}'.encode("utf-16"),
-        b'{"a":"\xff"}',
-        b'{"a":"\xed\xa0\x80"}',
-        b"\xef\xbb\xbf{}",
-        b"[1]",
-        b"",
-        b'{"a":1} x',
-        '{"a":1}',
-    ]
-    payloads += [b"{" + bytes(rng.randrange(256) for _ in range(rng.randrange(6))) for _ in range(2000)]
-    for payload in payloads:
-        assert outcome(stream._loads, payload) == outcome(json.loads, payload), payload
 
     items = [(b"1-0", "key:é", "x" * 70_000), (b"", 7, "")]
     fields = [b"1-0", "key:é".encode(), b"x" * 70_000, b"", b"7", b""]
-    assert stream._pack(items) == b"".join(len(f).to_bytes(4, "little") + f for f in fields)
-    assert stream._pack([]) == b""
+    assert pack_fields(items) == b"".join(len(f).to_bytes(4, "little") + f for f in fields)
+    assert pack_fields([]) == b""
 
 
 class _PoisonedPath:
@@ -467,3 +450,71 @@ def test_a_failing_event_in_the_pipelined_loop_is_isolated_and_nothing_is_lost(
     # The user-level counts saw every event once, the poisoned one too (it was folded, not scored).
     assert worker.stats.predictions == 29 and worker.stats.dead_letters == 1
     worker.close()
+
+
+def test_the_champion_watcher_keeps_the_old_model_when_a_load_fails(tiny_platform):
+    """A version that fails to load never replaces the serving one; the error names it, and it
+    is tried again only after `retry_after_s`."""
+    registry = tiny_platform.registry
+    current = registry.champion().version
+    previous = min(v for v in tiny_platform.versions if v != current)
+    attempts: list[int] = []
+    broken = {previous}
+
+    def loader(_registry, version):
+        attempts.append(version)
+        if version in broken:
+            raise OSError(f"artifact of v{version} unreadable")
+        return ("model", version)
+
+    changes = []
+    watcher = ChampionWatcher(registry, loader=loader, retry_after_s=3600, on_change=changes.append)
+    first = watcher.check_now()
+    assert (first.from_version, first.to_version) == (None, current) and changes == [first]
+    assert watcher.current() == ("model", current) and watcher.check_now() is None  # no move, no load
+    try:
+        registry.set_alias(CHAMPION, previous, who="test", why="failed-load test")
+        assert watcher.check_now() is None
+        assert watcher.current() == ("model", current) and watcher.version == current
+        assert f"v{previous}" in watcher.last_error and "artifact of" in watcher.last_error
+        assert watcher.check_now() is None and attempts == [current, previous]  # not retried yet
+        watcher.retry_after_s = 0.0
+        broken.clear()
+        change = watcher.check_now()
+        assert (change.from_version, change.to_version) == (current, previous)
+        assert watcher.current() == ("model", previous) and watcher.last_error is None
+    finally:
+        registry.set_alias(CHAMPION, current, who="test", why="restore after failed-load test")
+
+
+def test_an_event_loop_can_drive_the_champion_watcher(tiny_platform):
+    import asyncio
+
+    registry = tiny_platform.registry
+    current = registry.champion().version
+    previous = min(v for v in tiny_platform.versions if v != current)
+    watcher = ChampionWatcher(registry, poll_s=0.05, loader=lambda _r, v: v)
+
+    async def scenario() -> list[int]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.watch(stop))
+        seen = []
+        try:
+            for target in (current, previous):
+                await asyncio.to_thread(
+                    registry.set_alias, CHAMPION, target, who="test", why="async watch test"
+                )
+                for _ in range(200):
+                    if watcher.current() == target:
+                        break
+                    await asyncio.sleep(0.05)
+                seen.append(watcher.current())
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == [current, previous]
+    finally:
+        registry.set_alias(CHAMPION, current, who="test", why="restore after async watch test")

@@ -1,0 +1,112 @@
+"""The Redis streams and keys of a project's stream worker, and the producer/consumer helpers
+around them: publish events (`publish_events`, `publish_payloads`), read the predictions back
+(`read_predictions`), name a consumer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pandas as pd
+import redis
+
+from ml_platform.serving.stream.config import StreamConfig
+from ml_platform.serving.stream.events import EVENT_FIELD, TRANSACTION, event_payloads
+
+PREDICTION_FIELD = "prediction"  # the output entry's field holding the prediction as JSON
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    input: str
+    output: str
+    dead_letter: str
+    done_prefix: str
+    seeded: str
+
+
+def stream_names(project: str, config: StreamConfig | None = None) -> StreamNames:
+    """The keys a project's stream worker uses (config overrides the stream names)."""
+    config = config or StreamConfig()
+    base = f"{project}:stream:"
+    return StreamNames(
+        input=config.input_stream or base + "transactions",
+        output=config.output_stream or base + "predictions",
+        dead_letter=config.dead_letter_stream or base + "dead_letter",
+        done_prefix=base + "done:",
+        seeded=base + "seeded",
+    )
+
+
+def default_consumer_name() -> str:
+    """A name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def publish_events(
+    client: redis.Redis,
+    stream: str,
+    frame: pd.DataFrame,
+    *,
+    kind: str = TRANSACTION,
+    chunk: int = 2000,
+    maxlen: int | None = None,
+) -> list[bytes]:
+    """XADD one entry per row of `frame` (raw transaction columns) to `stream`, pipelined, in the
+    frame's order; kind="label" publishes label events. Returns the entry ids."""
+    payloads = event_payloads(frame, kind)
+    return publish_payloads(client, stream, payloads, chunk=chunk, maxlen=maxlen)
+
+
+def publish_payloads(
+    client: redis.Redis,
+    stream: str,
+    payloads: Iterable[str | bytes],
+    *,
+    chunk: int = 2000,
+    maxlen: int | None = None,
+) -> list[bytes]:
+    """XADD raw payloads (e.g. malformed ones in tests) as `{"event": payload}` entries."""
+    ids: list[bytes] = []
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+    for payload in payloads:
+        pipe.xadd(stream, {EVENT_FIELD: payload}, maxlen=maxlen, approximate=True)
+        pending += 1
+        if pending >= chunk:
+            ids += pipe.execute()
+            pending = 0
+    if pending:
+        ids += pipe.execute()
+    return ids
+
+
+def read_predictions(client: redis.Redis, stream: str, count: int | None = None) -> list[dict[str, Any]]:
+    """Every prediction in an output stream (oldest first), as dicts with `entry_id`."""
+    out = []
+    last = "-"
+    field = PREDICTION_FIELD.encode()
+    while True:
+        entries = client.xrange(stream, min=last, max="+", count=5000)
+        if last != "-":
+            entries = entries[1:]
+        if not entries:
+            break
+        for entry_id, fields in entries:
+            body = orjson.loads(fields[field])
+            body["entry_id"] = entry_id.decode()
+            out.append(body)
+        last = entries[-1][0]
+        if count is not None and len(out) >= count:
+            break
+    return out
+
+
+def as_text(value: Any) -> str:
+    """A Redis reply value (bytes, or str from a decoding client) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
