@@ -1,7 +1,7 @@
 """`ml-platform`: the user-facing commands that are not Dagster's own.
 
-Imports of the heavy libraries (dagster, mlflow, pandera) happen inside each command, so
-`ml-platform --help` answers at once.
+Imports of the heavy libraries (dagster, mlflow, pandera, redis) happen inside each command, so
+`ml-platform --help` answers at once. Every default comes from `ml_platform.settings`.
 """
 
 from __future__ import annotations
@@ -10,16 +10,27 @@ import datetime as dt
 import os
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import click
 
-from ml_platform.settings import Settings, load_settings
+from ml_platform.settings import (
+    DEFAULT_HTTP_PORT,
+    DEFAULT_STREAM_BATCH_SIZE,
+    DEFAULT_STREAM_GROUP,
+    DEFAULT_UI_PORT,
+    Settings,
+    SyntheticDefaults,
+    load_settings,
+)
 
 DAGSTER_YAML = """\
 # Written by ml-platform: a local Dagster instance under the data directory.
 telemetry:
   enabled: false
 """
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def prepare_dagster_home(settings: Settings) -> None:
@@ -31,26 +42,40 @@ def prepare_dagster_home(settings: Settings) -> None:
     os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
 
 
+def venv_command(executable: str, module: str) -> str:
+    """How to run `executable` of this Python environment, as a command that works as printed
+    (no activated venv needed): its absolute path next to the interpreter, else `python -m module`."""
+    path = Path(sys.executable).parent / executable
+    return str(path) if path.exists() else f"{sys.executable} -m {module}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ml_platform", prog_name="ml-platform")
 def main() -> None:
     """An ML platform on Dagster: feature store, validated training, MLflow registry, serving."""
 
 
-@main.command()
-@click.option("--days", default=45, show_default=True, help="Days of events, ending yesterday (UTC).")
-@click.option("--users", "n_users", default=5000, show_default=True, help="Card holders.")
-@click.option("--merchants", "n_merchants", default=500, show_default=True, help="Merchants.")
-@click.option("--txns-per-user-per-day", default=0.6, show_default=True, help="Mean transactions per user a day.")
-@click.option("--seed", default=7, show_default=True, help="Seed of the synthetic generator.")
+@main.command(short_help="Generate demo data and run the whole asset graph.")
+@click.option("--days", default=SyntheticDefaults.demo_days, show_default=True,
+              help="Days of events, ending yesterday (UTC).")
+@click.option("--users", "n_users", default=SyntheticDefaults.n_users, show_default=True, help="Card holders.")
+@click.option("--merchants", "n_merchants", default=SyntheticDefaults.n_merchants, show_default=True,
+              help="Merchants.")
+@click.option("--txns-per-user-per-day", default=SyntheticDefaults.txns_per_user_per_day, show_default=True,
+              help="Mean transactions per user a day.")
+@click.option("--seed", default=SyntheticDefaults.seed, show_default=True, help="Seed of the synthetic generator.")
 @click.option("--drift-start", default=None, help="Shift distributions from this date (YYYY-MM-DD).")
 def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float, seed: int,
          drift_start: str | None) -> None:
     """Generate demo data and materialize the whole asset graph through Dagster."""
-    if days < 21:
+    if days < SyntheticDefaults.min_demo_days:
         # Legit labels settle 7 days after the event and training may only use labels known at its
         # cut, so shorter histories leave the train split without enough labelled rows.
-        raise click.BadParameter(f"needs at least 21 days of history to split train/validation/test, got {days}",
-                                 param_hint="--days")
+        raise click.BadParameter(
+            f"needs at least {SyntheticDefaults.min_demo_days} days of history to split "
+            f"train/validation/test, got {days}",
+            param_hint="--days",
+        )
     settings = load_settings()
     prepare_dagster_home(settings)
     started = time.monotonic()
@@ -73,21 +98,22 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
         },
     )
     took = time.monotonic() - started
+    ml_platform = venv_command("ml-platform", "ml_platform.cli")
     if not outcome.success:
         click.echo(f"\nThe run failed after {took:.0f} s: {outcome.failure}", err=True)
-        click.echo(f"Look at run {outcome.run_id} in the UI (ml-platform ui).", err=True)
+        click.echo(f"Look at run {outcome.run_id} in the UI ({ml_platform} ui).", err=True)
         sys.exit(1)
     click.echo(outcome.summary())
     click.echo(f"\nDone in {took:.0f} s. Where to look:")
-    click.echo("  Dagster UI:   make ui   (or: ml-platform ui)  -> http://127.0.0.1:3000")
+    click.echo(f"  Dagster UI:   {ml_platform} ui   -> http://127.0.0.1:{DEFAULT_UI_PORT}")
     click.echo(f"  Dagster home: {settings.dagster_home}")
     click.echo(f"  MLflow:       {settings.mlflow_tracking_uri}")
-    click.echo(f"                mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}")
+    click.echo(f"                {venv_command('mlflow', 'mlflow')} ui --backend-store-uri {settings.mlflow_tracking_uri}")
 
 
-@main.command()
+@main.command(short_help="Real-time prediction API (HTTP).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", default=DEFAULT_HTTP_PORT, show_default=True)
 @click.option("--workers", default=1, show_default=True, help="uvicorn worker processes.")
 @click.option("--scorer", type=click.Choice(["auto", "treelite", "sklearn"]), default="auto", show_default=True,
               help="auto: treelite where it matches scikit-learn on a parity sample, else scikit-learn.")
@@ -102,13 +128,14 @@ def serve(host: str, port: int, workers: int, scorer: str, log_level: str) -> No
                log_level=log_level)
 
 
-@main.command()
-@click.option("--group", default="scorers", show_default=True, help="Consumer group shared by the workers.")
+@main.command(short_help="Streaming prediction worker (Redis Streams).")
+@click.option("--group", default=DEFAULT_STREAM_GROUP, show_default=True, help="Consumer group shared by the workers.")
 @click.option("--consumer", default=None, help="This worker's name in the group (default: host-pid).")
-@click.option("--batch-size", default=500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=None,
+              help=f"Events per read [default: ML_PLATFORM_STREAM_BATCH_SIZE, else {DEFAULT_STREAM_BATCH_SIZE}].")
 @click.option("--until-idle", is_flag=True, help="Stop once the input stream is drained (for batch replays).")
 @click.option("--no-seed", is_flag=True, help="Do not fold recent raw history into cold feature state.")
-def stream(group: str, consumer: str | None, batch_size: int, until_idle: bool, no_seed: bool) -> None:
+def stream(group: str, consumer: str | None, batch_size: int | None, until_idle: bool, no_seed: bool) -> None:
     """Streaming prediction worker on Redis Streams (at-least-once, idempotent per event id)."""
     import logging
 
@@ -116,14 +143,86 @@ def stream(group: str, consumer: str | None, batch_size: int, until_idle: bool, 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
-    config = StreamConfig(group=group, consumer=consumer, batch_size=batch_size, seed_history=not no_seed)
+    config = StreamConfig(group=group, consumer=consumer, batch_size=batch_size or settings.stream_batch_size,
+                          seed_history=not no_seed)
     names = stream_names(settings.project, config)
     click.echo(f"Reading {names.input} (group {group}) -> {names.output}; dead letters -> {names.dead_letter}")
     stats = run_worker(settings, config, until_idle=until_idle)
     click.echo(f"Stopped: {stats}")
 
 
-@main.command()
+@main.command(short_help="Put transactions on the stream the worker reads.")
+@click.option("--from", "from_path", type=click.Path(path_type=Path), default=None,
+              help="A Parquet/CSV file (or a directory of them) with the raw transaction columns.")
+@click.option("--generate", "generate", type=click.IntRange(min=1), default=None,
+              help="This many synthetic transactions of --day instead (the demo's population).")
+@click.option("--day", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Day of the generated transactions [default: today, UTC].")
+@click.option("--seed", default=SyntheticDefaults.seed, show_default=True, help="Seed of the generated transactions.")
+@click.option("--stream", "stream_key", default=None,
+              help="Stream key [default: <project>:stream:transactions, what `ml-platform stream` reads].")
+def publish(from_path: Path | None, generate: int | None, day: dt.datetime | None, seed: int,
+            stream_key: str | None) -> None:
+    """Publish transaction events to the stream worker's input stream (from a file, or generated)."""
+    if (from_path is None) == (generate is None):
+        raise click.UsageError("give exactly one of --from PATH or --generate N")
+    events = _events_from_file(from_path) if from_path is not None else _generated_events(generate, day, seed)
+
+    from ml_platform.featurestore.redis_server import redis_client
+    from ml_platform.serving.stream import publish_events, stream_names
+
+    settings = load_settings()
+    key = stream_key or stream_names(settings.project).input
+    client = redis_client(settings)
+    try:
+        ids = publish_events(client, key, events)
+    finally:
+        client.close()
+    if ids:
+        click.echo(f"Published {len(ids)} events to {key} (ids {ids[0].decode()} .. {ids[-1].decode()})")
+    else:
+        click.echo(f"Published no events to {key}")
+
+
+def _events_from_file(path: Path):
+    from ml_platform.sources.files import EventsFormatError, load_events
+
+    try:
+        events = load_events(path)
+    except (FileNotFoundError, EventsFormatError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--from") from exc
+    if events.empty:
+        raise click.BadParameter(f"{path} holds no events", param_hint="--from")
+    if events["event_timestamp"].isna().any():
+        raise click.BadParameter(f"{path}: {int(events['event_timestamp'].isna().sum())} events have no "
+                                 "event_timestamp", param_hint="--from")
+    return events
+
+
+def _generated_events(n: int, day: dt.datetime | None, seed: int):
+    """The first `n` synthetic transactions of `day` (and the days after it when one is not enough),
+    from the demo's population (SyntheticDefaults), so their card holders and merchants are known."""
+    import pandas as pd
+
+    from ml_platform.sources.generator import GeneratorConfig, generate_day
+
+    first = day.date() if day else dt.datetime.now(dt.UTC).date()
+    config = GeneratorConfig(seed=seed, start=first, days=1)
+    frames, rows = [], 0
+    current = first
+    while rows < n:
+        frame = generate_day(config, current)
+        frames.append(frame)
+        rows += len(frame)
+        current += dt.timedelta(days=1)
+    events = pd.concat(frames, ignore_index=True).head(n)
+    # New ids on every publish: the worker treats a known id as a replay (scored once).
+    token = uuid.uuid4().hex[:8]
+    events["transaction_id"] = f"pub-{token}-" + events["transaction_id"].astype(str)
+    return events
+
+
+@main.command(short_help="Move `champion` back to the previous champion.")
 @click.option("--reason", "-r", required=True, help="Why: recorded with the alias move in MLflow.")
 @click.option("--model", "model_name", default=None, help="Registered model (default: ML_PLATFORM_MODEL_NAME).")
 @click.option("--who", default=None, help="Who asks (default: the OS user).")
@@ -141,18 +240,17 @@ def rollback(reason: str, model_name: str | None, who: str | None) -> None:
     click.echo("Running servers and stream workers pick the change up within seconds.")
 
 
-@main.command()
+@main.command(short_help="Serve the Dagster web UI (dagster dev).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=3000, show_default=True)
+@click.option("--port", default=DEFAULT_UI_PORT, show_default=True)
 def ui(host: str, port: int) -> None:
     """Serve the Dagster web UI for this platform (dagster dev, DAGSTER_HOME under data/)."""
     settings = load_settings()
     prepare_dagster_home(settings)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workspace = os.path.join(root, "workspace.yaml")
-    args = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", host, "-p", str(port)]
-    click.echo(f"DAGSTER_HOME={settings.dagster_home} dagster dev -w {workspace} -h {host} -p {port}")
-    os.chdir(root)
+    workspace = REPO_ROOT / "workspace.yaml"
+    args = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
+    click.echo(f"DAGSTER_HOME={settings.dagster_home} {' '.join(args)}")
+    os.chdir(REPO_ROOT)
     os.execv(args[0], args)
 
 

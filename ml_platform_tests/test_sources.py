@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import ks_2samp
 
+from ml_platform.settings import SyntheticDefaults
 from ml_platform.sources import (
     TRANSACTION_COLUMNS,
     DriftScenario,
@@ -20,12 +21,12 @@ from ml_platform.sources import (
     generate_users,
     import_events,
     load_events,
+    population,
     write_day,
     write_partition,
     write_range,
     write_users,
 )
-from ml_platform.sources import generator as gen
 
 SMALL = {"n_users": 2000, "n_merchants": 200}
 FAR_FUTURE = "2030-01-01T00:00:00Z"
@@ -53,7 +54,7 @@ def month_default_as_of() -> pd.DataFrame:
 def test_same_seed_and_date_give_identical_frames_even_with_a_cold_cache():
     config = GeneratorConfig(days=5, **SMALL)
     first = generate_day(config, "2024-01-03")
-    gen._build_population.cache_clear()  # the population is rebuilt from the seed alone
+    population.build_population.cache_clear()  # the population is rebuilt from the seed alone
     pd.testing.assert_frame_equal(generate_day(config, date(2024, 1, 3)), first)
 
 
@@ -233,6 +234,16 @@ def test_drift_changes_the_fraud_pattern_to_card_testing():
     drifted = fraud["event_timestamp"] >= pd.Timestamp("2024-01-08", tz="UTC")
     assert probe[~drifted].mean() < 0.45
     assert probe[drifted].mean() > 0.65
+
+
+def test_generator_defaults_are_the_platform_synthetic_defaults():
+    config = GeneratorConfig()
+    assert (config.seed, config.n_users, config.n_merchants, config.txns_per_user_per_day) == (
+        SyntheticDefaults.seed,
+        SyntheticDefaults.n_users,
+        SyntheticDefaults.n_merchants,
+        SyntheticDefaults.txns_per_user_per_day,
+    )
 
 
 def test_config_errors_name_the_field():

@@ -14,16 +14,21 @@ Each body is a few lines over the domain library; metadata makes every step insp
 
 import datetime as dt
 import warnings
+from typing import Any
 
 import dagster as dg
 
 from ml_platform import features as fr
 from ml_platform.defs.resources import EventSourceResource, FeatureStoreResource, MLflowRegistryResource
-
-warnings.filterwarnings("ignore", category=dg.BetaWarning)  # BackfillPolicy is beta in Dagster 1.13
+from ml_platform.defs.source_assets import source_asset, view_assets
 
 PARTITIONS_START = "2025-01-01"
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, end_offset=0)
+# Every partitioned asset runs any range of days as one run: one policy for all, so a job that
+# selects several of them (daily_scoring) has one consistent backfill policy.
+ONE_RUN_PER_RANGE = dg.BackfillPolicy.single_run()
+# Still needed in Dagster 1.13: `@asset(backfill_policy=...)` warns that the parameter is beta.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
 RAW_CHECK = "raw_transactions_valid"
 TRAINING_CHECK = "training_set_valid"
@@ -56,7 +61,7 @@ def users(feature_store: FeatureStoreResource, event_source: EventSourceResource
 
     # Profiles are a snapshot dated at the first partition, so they are valid for every event.
     config = event_source.generator_config(start=dt.date.fromisoformat(PARTITIONS_START), days=1)
-    path = write_users(config, feature_store.data_dir / "raw")
+    path = write_users(config, feature_store.raw_dir)
     return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)), "users": config.n_users})
 
 
@@ -64,7 +69,7 @@ def users(feature_store: FeatureStoreResource, event_source: EventSourceResource
     group_name="sources",
     kinds={"parquet"},
     partitions_def=daily_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
+    backfill_policy=ONE_RUN_PER_RANGE,
     check_specs=[
         dg.AssetCheckSpec(
             RAW_CHECK,
@@ -84,7 +89,7 @@ def raw_transactions(
     from ml_platform.validation import RAW_TRANSACTIONS_SCHEMA, validate
 
     dates = sorted(dt.date.fromisoformat(k) for k in context.partition_keys)
-    raw_dir = feature_store.data_dir / "raw"
+    raw_dir = feature_store.raw_dir
     if event_source.kind == "files":
         from ml_platform.sources.files import import_events
 
@@ -92,11 +97,13 @@ def raw_transactions(
             raise dg.Failure("event_source.kind is 'files' but import_path is not set")
         # An import writes every day its files hold; this run validates the selected days.
         written = import_events(event_source.import_path, raw_dir)
-    else:
+    elif event_source.kind == "synthetic":
         from ml_platform.sources.generator import write_day
 
         config = event_source.generator_config(start=dates[0], days=len(dates), as_of=_as_of_for(dates))
         written = [write_day(config, d, raw_dir) for d in dates]
+    else:
+        raise dg.Failure(f"event_source.kind must be 'synthetic' or 'files', got {event_source.kind!r}")
     frame = raw_events.read_days(raw_dir, dates)
     report = validate(frame, RAW_TRANSACTIONS_SCHEMA, now=dt.datetime.now(dt.UTC))
     context.log.info(report.summary())
@@ -114,13 +121,11 @@ def raw_transactions(
 
 
 def _feature_table_asset(view) -> dg.AssetsDefinition:
-    deps = ["users"] if view.source.path == fr.USERS_PATH else ["raw_transactions"]
-
     @dg.asset(
         name=view.name,
         group_name="features",
         kinds={"duckdb", "parquet"},
-        deps=deps,
+        deps=[source_asset(view)],
         description=view.description,
         tags={"feature_view": view.name},
     )
@@ -148,7 +153,8 @@ feature_table_assets = [_feature_table_asset(v) for v in fr.FEATURE_VIEWS if v.a
 @dg.asset(
     group_name="training",
     kinds={"duckdb", "parquet"},
-    deps=[*(v.name for v in fr.FEATURE_VIEWS if v.aggregations), "users"],
+    # The model's looked-up features, and the labelled events themselves (read from the raw data).
+    deps=[*view_assets(fr.FEATURE_VIEWS), source_asset(fr.labels_source)],
     check_specs=[
         dg.AssetCheckSpec(
             TRAINING_CHECK,
@@ -180,19 +186,36 @@ def training_set(feature_store: FeatureStoreResource):
     yield _check_result(report, "training_set", TRAINING_CHECK)
 
 
+class TrainingConfig(dg.Config):
+    """Which model to train: a type of `ml_platform.training.model_types` and its parameters
+    (validated over the type's defaults; an unknown name or value fails naming it)."""
+
+    model_type: str | None = None  # None: training.model_types.DEFAULT_MODEL_TYPE (HistGradientBoosting)
+    params: dict[str, Any] = {}  # noqa: RUF012 - pydantic copies field defaults per instance
+    random_state: int = 0
+
+
 @dg.asset(
     group_name="training",
     kinds={"scikitlearn"},
     deps=["training_set"],
-    description="HistGradientBoosting pipeline fitted on the train split; threshold chosen on validation.",
+    description="The configured model type (HistGradientBoosting by default) fitted on the train split; "
+    "threshold chosen on validation.",
 )
-def trained_model(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+def trained_model(config: TrainingConfig, feature_store: FeatureStoreResource) -> dg.MaterializeResult:
     from ml_platform.training.pipeline import train_candidate
 
-    candidate = train_candidate(feature_store.data_dir)
+    chosen = {"model_type": config.model_type} if config.model_type else {}
+    try:
+        candidate = train_candidate(
+            feature_store.data_dir, params=config.params, random_state=config.random_state, **chosen
+        )
+    except ValueError as exc:  # a bad model_type / params.<name>: the message names it
+        raise dg.Failure(f"trained_model config: {exc}") from exc
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(candidate.path)),
+            "model_type": candidate.model_type,
             "data_version": candidate.data_version,
             "decision_threshold": candidate.contract.decision_threshold,
             "train_seconds": round(candidate.train_seconds, 2),
@@ -250,19 +273,31 @@ def registered_model(feature_store: FeatureStoreResource, mlflow: MLflowRegistry
     out = register_candidate(
         feature_store.data_dir, mlflow.registry(), metric=mlflow.promotion_metric, margin=mlflow.promotion_margin
     )
-    return dg.MaterializeResult(
-        metadata={
-            "model": out["model"],
-            "version": out["version"],
-            "run_id": out["run_id"],
-            "model_uri": out["model_uri"],
-            "champion_version": out["champion_version"],
-            "promoted": out["promoted"],
-            "reason": out["reason"],
-            "data_version": out["data_version"],
-            "tracking_uri": mlflow.tracking_uri,
-        }
-    )
+    return dg.MaterializeResult(metadata=registration_metadata(out))
+
+
+def registration_metadata(out) -> dict:
+    """What the UI shows of a registration (a `RegistrationResult`): the version, links to the MLflow
+    model version and run (URLs when the tracking server is http(s), else the UI routes as text), the
+    code and data versions and the promotion decision."""
+    links = {
+        "mlflow_model": (out.model_ui_url, out.model_ui_path),
+        "mlflow_run": (out.run_ui_url, out.run_ui_path),
+    }
+    return {
+        "model": out.model_name,
+        "version": out.version,
+        "model_type": out.model_type,
+        "model_uri": out.model_uri,
+        "run_id": out.run_id,
+        **{k: dg.MetadataValue.url(url) if url else dg.MetadataValue.text(path) for k, (url, path) in links.items()},
+        "code_version": out.code_version,
+        "data_version": out.data_version,
+        "champion_version": out.champion_version,
+        "promoted": out.promoted,
+        "reason": out.reason,
+        "tracking_uri": out.tracking_uri,
+    }
 
 
 class OnlineMaterializationConfig(dg.Config):
@@ -275,7 +310,7 @@ class OnlineMaterializationConfig(dg.Config):
 @dg.asset(
     group_name="serving",
     kinds={"redis"},
-    deps=[v.name for v in fr.FEATURE_VIEWS if v.aggregations] + ["users"],
+    deps=view_assets(fr.FEATURE_VIEWS),
     description="Latest feature values per entity (within each view's TTL) loaded into the Redis online store.",
 )
 def online_features(config: OnlineMaterializationConfig, feature_store: FeatureStoreResource) -> dg.MaterializeResult:
@@ -320,9 +355,10 @@ def online_offline_skew(feature_store: FeatureStoreResource) -> dg.AssetCheckRes
     group_name="serving",
     kinds={"duckdb"},
     partitions_def=daily_partitions,
-    deps=["raw_transactions", "registered_model", *(v.name for v in fr.FEATURE_VIEWS if v.aggregations)],
+    backfill_policy=ONE_RUN_PER_RANGE,
+    deps=[source_asset(fr.transactions_source), "registered_model", *view_assets(fr.FEATURE_VIEWS)],
     description="Every transaction of the day scored by the champion into the DuckDB `predictions` table "
-    "(data/predictions.duckdb); each day is swapped in atomically.",
+    "(data/predictions.duckdb); each day is swapped in atomically (a range: day by day, in one run).",
 )
 def batch_predictions(
     context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource
@@ -331,10 +367,24 @@ def batch_predictions(
     from ml_platform.serving.scoring import load_champion
 
     model = load_champion(mlflow.registry())
-    path = feature_store.data_dir / "predictions.duckdb"
-    out = score_partition(feature_store.store(), model, context.partition_key, path)
+    store = feature_store.store()
+    days = []
+    for day in sorted(context.partition_keys):
+        out = score_partition(store, model, day, feature_store.predictions_db)
+        context.log.info(f"scored {day}: {out['rows']} rows, {out['positives_flagged']} flagged")
+        days.append(out)
     return dg.MaterializeResult(
-        metadata={k: v for k, v in out.items() if isinstance(v, (int, float, str)) and v is not None}
+        metadata={
+            "rows": sum(d["rows"] for d in days),
+            "positives_flagged": sum(d["positives_flagged"] for d in days),
+            "model_version": model.version,
+            "decision_threshold": float(model.contract.decision_threshold),
+            "table": days[0]["table"],
+            "duckdb_path": dg.MetadataValue.path(days[0]["duckdb_path"]),
+            "days": dg.MetadataValue.json(
+                {d["day"]: {k: v for k, v in d.items() if k not in ("day", "table", "duckdb_path")} for d in days}
+            ),
+        }
     )
 
 
@@ -350,6 +400,13 @@ def prediction_log(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
     out = drain_prediction_log(
         feature_store.redis_client(),
         prediction_stream_key(feature_store.project),
-        feature_store.data_dir / "predictions_log",
+        feature_store.predictions_log_dir,
     )
-    return dg.MaterializeResult(metadata={k: v for k, v in out.items() if v is not None})
+    files = out.pop("files")
+    return dg.MaterializeResult(
+        metadata={
+            **{k: v for k, v in out.items() if v is not None},
+            "files": len(files),
+            "path": dg.MetadataValue.path(str(feature_store.predictions_log_dir)),
+        }
+    )

@@ -60,12 +60,22 @@ daily_scoring = dg.define_asset_job(
     "daily_scoring",
     selection=dg.AssetSelection.assets("raw_transactions", "batch_predictions", "online_features")
     | dg.AssetSelection.groups("features"),
-    partitions_def=a.daily_partitions,
     description="Ingest yesterday's events, refresh features offline and online, score the day in batch.",
 )
-daily_scoring_schedule = dg.build_schedule_from_partitioned_job(daily_scoring, hour_of_day=2)
-drain_prediction_log_job = dg.define_asset_job("drain_prediction_log", selection=dg.AssetSelection.assets("prediction_log"))
-drain_prediction_log_schedule = dg.ScheduleDefinition(job=drain_prediction_log_job, cron_schedule="*/15 * * * *")
+# Both schedules ship RUNNING: they act only while the Dagster daemon runs (`ml-platform ui`), the
+# scoring run replaces one day's predictions atomically (re-running a day is harmless) and the
+# drain moves only what is on disk out of Redis.
+daily_scoring_schedule = dg.build_schedule_from_partitioned_job(
+    daily_scoring, hour_of_day=2, default_status=dg.DefaultScheduleStatus.RUNNING
+)
+drain_prediction_log_job = dg.define_asset_job(
+    "drain_prediction_log",
+    selection=dg.AssetSelection.assets("prediction_log"),
+    description="Move the prediction log (a Redis stream) into Parquet under the data directory.",
+)
+drain_prediction_log_schedule = dg.ScheduleDefinition(
+    job=drain_prediction_log_job, cron_schedule="*/15 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING
+)
 
 
 def build_definitions(settings: Settings | None = None, event_source: dict | None = None) -> dg.Definitions:

@@ -1,27 +1,39 @@
 """Dagster resources: thin, configurable handles on the domain library.
 
 Each resource holds only settings; the work is done by the plain-Python objects it returns.
-Defaults come from `ml_platform.settings`, so the same definitions run on embedded defaults or
-against real servers (set MLFLOW_TRACKING_URI, REDIS_URL, ML_PLATFORM_DATA_DIR).
+Every default comes from `ml_platform.settings` (the platform-wide DEFAULT_* constants and
+`SyntheticDefaults`), so the same definitions run on embedded defaults or against real servers
+(set MLFLOW_TRACKING_URI, REDIS_URL, ML_PLATFORM_DATA_DIR).
 """
-
 
 import datetime as dt
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 
-from ml_platform.settings import load_settings
+from ml_platform.settings import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PROJECT,
+    DEFAULT_PROMOTION_MARGIN,
+    DEFAULT_PROMOTION_METRIC,
+    Settings,
+    SyntheticDefaults,
+    load_settings,
+)
+
+EVENT_SOURCE_KINDS = ("synthetic", "files")
+PREDICTIONS_DB_NAME = "predictions.duckdb"  # under the data directory
 
 
 class FeatureStoreResource(dg.ConfigurableResource):
-    """The offline feature store (DuckDB over Parquet) rooted at the data directory."""
+    """The feature store rooted at the data directory: offline (DuckDB over Parquet) and online (Redis)."""
 
     repo_path: str
     duckdb_threads: int | None = None
     duckdb_memory_limit: str | None = None
     redis_url: str | None = None  # None: REDIS_URL, else the embedded redis-server under repo_path
-    project: str = "ml_platform"  # key prefix of the online store
+    project: str = DEFAULT_PROJECT  # key prefix of the online store and the prediction log
 
     def store(self):
         from ml_platform.features import ENTITIES, FEATURE_VIEWS
@@ -39,23 +51,42 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
     def redis_client(self):
         """A Redis client on the online store's server (redis_url, REDIS_URL, else the embedded one)."""
-        from ml_platform.featurestore.redis_server import EmbeddedRedis, client_from_url
-        from ml_platform.settings import load_settings
+        from ml_platform.featurestore.redis_server import client_from_url, resolve_redis_url
 
-        return client_from_url(self.redis_url or load_settings().redis_url or EmbeddedRedis(self.repo_path).start())
+        where = SimpleNamespace(redis_url=self.redis_url or load_settings().redis_url, data_dir=self.data_dir)
+        return client_from_url(resolve_redis_url(where))
 
     @property
     def data_dir(self) -> Path:
         return Path(self.repo_path)
+
+    @property
+    def raw_dir(self) -> Path:
+        return self._settings_paths().raw_dir
+
+    @property
+    def predictions_log_dir(self) -> Path:
+        """Where the prediction log is drained to (Settings.predictions_log_dir of this data dir)."""
+        return self._settings_paths().predictions_log_dir
+
+    @property
+    def predictions_db(self) -> Path:
+        """The DuckDB database batch scoring publishes to (`predictions` table)."""
+        return self.data_dir / PREDICTIONS_DB_NAME
+
+    def _settings_paths(self) -> Settings:
+        # The layout under a data dir is Settings' (raw_dir, predictions_log_dir, ...): only the
+        # path properties are read, so no environment is consulted (model_construct validates nothing).
+        return Settings.model_construct(data_dir=self.data_dir.resolve())
 
 
 class MLflowRegistryResource(dg.ConfigurableResource):
     """The MLflow tracking server / model registry, by URI (SQLite under data/ by default)."""
 
     tracking_uri: str
-    model_name: str = "fraud_detector"
-    promotion_metric: str = "pr_auc"
-    promotion_margin: float = 0.0
+    model_name: str = DEFAULT_MODEL_NAME
+    promotion_metric: str = DEFAULT_PROMOTION_METRIC
+    promotion_margin: float = DEFAULT_PROMOTION_MARGIN
 
     def registry(self):
         from ml_platform.registry import ModelRegistry
@@ -71,10 +102,10 @@ class EventSourceResource(dg.ConfigurableResource):
     """
 
     kind: str = "synthetic"
-    seed: int = 7
-    n_users: int = 5000
-    n_merchants: int = 500
-    txns_per_user_per_day: float = 0.6
+    seed: int = SyntheticDefaults.seed
+    n_users: int = SyntheticDefaults.n_users
+    n_merchants: int = SyntheticDefaults.n_merchants
+    txns_per_user_per_day: float = SyntheticDefaults.txns_per_user_per_day
     drift_start: str | None = None
     import_path: str | None = None
 
@@ -94,9 +125,12 @@ class EventSourceResource(dg.ConfigurableResource):
         )
 
 
-def default_resources(settings=None, **source_overrides) -> dict:
+def default_resources(settings: Settings | None = None, **source_overrides) -> dict:
     """Resources built from settings (env vars with embedded defaults)."""
     settings = settings or load_settings()
+    kind = source_overrides.get("kind", "synthetic")
+    if kind not in EVENT_SOURCE_KINDS:
+        raise ValueError(f"event_source kind must be one of {EVENT_SOURCE_KINDS}, got {kind!r}")
     return {
         "feature_store": FeatureStoreResource(
             repo_path=str(settings.data_dir), redis_url=settings.redis_url, project=settings.project

@@ -15,11 +15,9 @@ How a day is scored (memory bounded, whatever the day's size):
    GTIL, see docs/batch.md) -> staged predictions.
 4. The swap: ONE transaction on the predictions database deletes the day's rows and inserts the
    staged ones. A failure anywhere before the commit leaves the previous rows of the day intact;
-   re-scoring a day replaces it.
+   re-scoring a day replaces it (`predictions_db.swap_partition`).
 
-DuckDB allows one writer process per database file, and a process holding it open read-write
-keeps other processes out. So the predictions database is opened only for the swap (seconds),
-and readers should use short-lived read-only connections (`read_predictions` does).
+The published tables, the swap and the readers are in `serving.predictions_db` (re-exported here).
 """
 
 from __future__ import annotations
@@ -45,56 +43,45 @@ import pyarrow.parquet as pq
 from ml_platform import features as fr
 from ml_platform.featurestore import offline
 from ml_platform.featurestore.definitions import parse_feature_ref
+from ml_platform.serving.predictions_db import (  # re-exported: the published table's API
+    PARTITION_COLUMNS,
+    PARTITIONS_TABLE,
+    PREDICTION_COLUMNS,
+    PREDICTIONS_SCHEMA,
+    PREDICTIONS_TABLE,
+    TRANSACTION_ID,
+    PredictionsLockedError,
+    as_day,
+    columns_sql,
+    read_predictions,
+    read_scored_days,
+    swap_partition,
+)
 from ml_platform.serving.scoring import LoadedModel, assemble_features
-from ml_platform.sources.generator import parse_date
+from ml_platform.timestamps import to_us
 
-PREDICTIONS_TABLE = "predictions"
-PARTITIONS_TABLE = "prediction_partitions"  # one row per scored day: which model, when, how many
-TRANSACTION_ID = "transaction_id"
+__all__ = [
+    "PARTITIONS_TABLE",
+    "PARTITION_COLUMNS",
+    "PREDICTIONS_SCHEMA",
+    "PREDICTIONS_TABLE",
+    "PREDICTION_COLUMNS",
+    "PredictionsLockedError",
+    "peak_rss_mb",
+    "raw_partition_files",
+    "read_predictions",
+    "read_scored_days",
+    "reset_peak_rss",
+    "score_partition",
+]
+
 DEFAULT_MEMORY_LIMIT = "2GB"  # DuckDB's budget for the staging work when the store sets none
-
-# The predictions table applications read. `decision` is True when the transaction is flagged as
-# fraud (score >= the model contract's decision_threshold).
-PREDICTION_COLUMNS: dict[str, str] = {
-    TRANSACTION_ID: "VARCHAR",
-    "user_id": "BIGINT",
-    "merchant_id": "BIGINT",
-    fr.EVENT_TS: "TIMESTAMPTZ",
-    "score": "DOUBLE",
-    "decision": "BOOLEAN",
-    "model_version": "INTEGER",
-    "scored_at": "TIMESTAMPTZ",
-    "day": "DATE",
-}
-PARTITION_COLUMNS: dict[str, str] = {
-    "day": "DATE",
-    "rows": "BIGINT",
-    "positives_flagged": "BIGINT",
-    "model_version": "INTEGER",
-    "decision_threshold": "DOUBLE",
-    "scored_at": "TIMESTAMPTZ",
-    "seconds": "DOUBLE",
-}
-_ARROW_TYPES = {
-    "VARCHAR": pa.string(),
-    "BIGINT": pa.int64(),
-    "INTEGER": pa.int32(),
-    "DOUBLE": pa.float64(),
-    "BOOLEAN": pa.bool_(),
-    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
-    "DATE": pa.date32(),
-}
-PREDICTIONS_SCHEMA = pa.schema([(name, _ARROW_TYPES[t]) for name, t in PREDICTION_COLUMNS.items()])
 
 _EVENTS = "day_events"
 _ROW = "__row"
 _ENTITY_TABLE = offline.ENTITY_TABLE  # the entity-rows relation point_in_time_sql joins from
 _ENTITY_ROW_ID = offline.ROW_ID
 _NULLABLE = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.bool_(): pd.BooleanDtype()}
-
-
-class PredictionsLockedError(RuntimeError):
-    """The predictions database stayed locked by another process for longer than the timeout."""
 
 
 # --------------------------------------------------------------------------- public API
@@ -121,7 +108,7 @@ def score_partition(
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    day = _as_day(day)
+    day = as_day(day)
     duckdb_path = Path(duckdb_path).expanduser().resolve()
     files = raw_partition_files(store, day)
     started = time.perf_counter()
@@ -142,7 +129,7 @@ def score_partition(
             looked_up_tables = _stage_point_in_time_features(con, store, contract.feature_refs)
             timings["features_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            con.execute(f"CREATE TABLE {PREDICTIONS_TABLE} ({_columns_sql(PREDICTION_COLUMNS)})")
+            con.execute(f"CREATE TABLE {PREDICTIONS_TABLE} ({columns_sql(PREDICTION_COLUMNS)})")
             flagged = 0
             for events, looked_up in _chunks(con, looked_up_tables, rows, chunk_rows):
                 predictions = _score_chunk(loaded_model, events, looked_up, day, scored_at)
@@ -163,7 +150,7 @@ def score_partition(
             "scored_at": scored_at,
             "seconds": round(seconds_before_swap, 3),
         }
-        _swap_partition(duckdb_path, staging, record, lock_timeout_s)
+        swap_partition(duckdb_path, staging, record, lock_timeout_s)
         timings["swap_s"] = time.perf_counter() - t
     finally:
         for leftover in (staging, staging.with_name(staging.name + ".wal")):
@@ -185,53 +172,9 @@ def score_partition(
     }
 
 
-def read_predictions(
-    duckdb_path: str | os.PathLike,
-    day: date | str | None = None,
-    *,
-    columns: Sequence[str] | None = None,
-    timeout_s: float = 30.0,
-) -> pd.DataFrame:
-    """The predictions of `day` (all days if None), ordered by event time then transaction id,
-    read through a short-lived read-only connection (retried while a swap holds the write lock)."""
-    duckdb_path = Path(duckdb_path).expanduser()
-    if not duckdb_path.exists():
-        raise FileNotFoundError(
-            f"no predictions database at {duckdb_path}: score a day first (batch scoring writes it)"
-        )
-    wanted = list(columns) if columns else list(PREDICTION_COLUMNS)
-    unknown = [c for c in wanted if c not in PREDICTION_COLUMNS]
-    if unknown:
-        raise ValueError(f"unknown prediction columns {unknown}; the table has {list(PREDICTION_COLUMNS)}")
-    select = ", ".join(offline.quote_identifier(c) for c in wanted)
-    sql = f"SELECT {select} FROM {PREDICTIONS_TABLE}"
-    params: list[Any] = []
-    if day is not None:
-        sql += " WHERE day = ?"
-        params.append(_as_day(day))
-    sql += f" ORDER BY {fr.EVENT_TS}, {TRANSACTION_ID}"
-    with contextlib.closing(_connect_with_retry(duckdb_path, read_only=True, timeout_s=timeout_s)) as con:
-        con.execute("SET TimeZone = 'UTC'")
-        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        if PREDICTIONS_TABLE not in tables:
-            raise ValueError(f"{duckdb_path} has no {PREDICTIONS_TABLE!r} table yet: score a day first")
-        return con.execute(sql, params).df()
-
-
-def read_scored_days(duckdb_path: str | os.PathLike, *, timeout_s: float = 30.0) -> pd.DataFrame:
-    """One row per scored day (day, rows, positives_flagged, model_version, decision_threshold,
-    scored_at, seconds): what was published, by which model, when."""
-    duckdb_path = Path(duckdb_path).expanduser()
-    if not duckdb_path.exists():
-        raise FileNotFoundError(f"no predictions database at {duckdb_path}: score a day first")
-    with contextlib.closing(_connect_with_retry(duckdb_path, read_only=True, timeout_s=timeout_s)) as con:
-        con.execute("SET TimeZone = 'UTC'")
-        return con.execute(f"SELECT * FROM {PARTITIONS_TABLE} ORDER BY day").df()
-
-
 def raw_partition_files(store, day: date | str) -> list[Path]:
     """The Parquet files of `day`'s raw transaction partition (FileNotFoundError if none)."""
-    day = _as_day(day)
+    day = as_day(day)
     folder = store.repo_path / fr.TRANSACTIONS_PATH / f"date={day.isoformat()}"
     files = sorted(folder.glob("*.parquet"))
     if not files:
@@ -399,101 +342,10 @@ def _score_chunk(
             "score": pa.array(scores),
             "decision": pa.array(np.asarray(loaded_model.decide(scores), dtype=bool)),
             "model_version": pa.array(np.full(n, int(loaded_model.version), dtype=np.int32)),
-            "scored_at": pa.array(np.full(n, scored_at.replace(tzinfo=None), dtype="datetime64[us]")).cast(
-                pa.timestamp("us", tz="UTC")
-            ),
+            "scored_at": pa.array(np.full(n, to_us(scored_at), dtype=np.int64), pa.timestamp("us", tz="UTC")),
             "day": pa.array(np.full(n, np.datetime64(day.isoformat(), "D"))).cast(pa.date32()),
         },
         schema=PREDICTIONS_SCHEMA,
     )
 
 
-# --------------------------------------------------------------------------- the swap
-
-
-def _swap_partition(duckdb_path: Path, staging: Path, record: dict[str, Any], lock_timeout_s: float) -> None:
-    """Replace the day's rows with the staged ones in one transaction (all or nothing)."""
-    duckdb_path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(
-        _connect_with_retry(duckdb_path, read_only=False, timeout_s=lock_timeout_s)
-    ) as con:
-        con.execute("SET TimeZone = 'UTC'")
-        _ensure_tables(con, duckdb_path)
-        con.execute(f"ATTACH {offline.quote_literal(str(staging))} AS staged (READ_ONLY)")
-        try:
-            cols = ", ".join(offline.quote_identifier(c) for c in PREDICTION_COLUMNS)
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute(f"DELETE FROM {PREDICTIONS_TABLE} WHERE day = ?", [record["day"]])
-                con.execute(
-                    f"INSERT INTO {PREDICTIONS_TABLE} ({cols}) SELECT {cols} FROM staged.{PREDICTIONS_TABLE}"
-                )
-                (published,) = con.execute(
-                    f"SELECT count(*) FROM {PREDICTIONS_TABLE} WHERE day = ?", [record["day"]]
-                ).fetchall()[0]
-                if published != record["rows"]:
-                    raise RuntimeError(
-                        f"staged {published} predictions for {record['day']} but the day has {record['rows']} "
-                        "transactions; the previous predictions are kept"
-                    )
-                con.execute(f"DELETE FROM {PARTITIONS_TABLE} WHERE day = ?", [record["day"]])
-                con.execute(
-                    f"INSERT INTO {PARTITIONS_TABLE} ({', '.join(PARTITION_COLUMNS)}) "
-                    f"VALUES ({', '.join('?' for _ in PARTITION_COLUMNS)})",
-                    [record[c] for c in PARTITION_COLUMNS],
-                )
-                con.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):
-                    con.execute("ROLLBACK")
-                raise
-        finally:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("DETACH staged")
-
-
-def _ensure_tables(con, duckdb_path: Path) -> None:
-    for table, columns in ((PREDICTIONS_TABLE, PREDICTION_COLUMNS), (PARTITIONS_TABLE, PARTITION_COLUMNS)):
-        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({_columns_sql(columns)})")
-        have = {
-            name: dtype
-            for name, dtype in con.execute(
-                "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? AND schema_name = 'main'",
-                [table],
-            ).fetchall()
-        }
-        want = {name: "TIMESTAMP WITH TIME ZONE" if t == "TIMESTAMPTZ" else t for name, t in columns.items()}
-        if have != want:
-            raise ValueError(
-                f"table {table!r} in {duckdb_path} has columns {have}, expected {want}: it was written by "
-                "another version of batch scoring; migrate or drop it, or use another duckdb_path"
-            )
-
-
-def _columns_sql(columns: dict[str, str]) -> str:
-    return ", ".join(f"{offline.quote_identifier(n)} {t}" for n, t in columns.items())
-
-
-def _connect_with_retry(path: Path, *, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
-    """Open the database, waiting while another process holds a conflicting lock."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
-                raise
-            if time.monotonic() >= deadline:
-                mode = "read" if read_only else "write"
-                raise PredictionsLockedError(
-                    f"could not open {path} to {mode} within {timeout_s:.0f} s: another process holds it "
-                    f"({exc}). Readers should use short-lived read-only connections (read_predictions); "
-                    "retry when the other writer is done"
-                ) from exc
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
-def _as_day(value: date | str) -> date:
-    return parse_date(value, "day (a daily partition key)")

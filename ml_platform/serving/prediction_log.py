@@ -12,9 +12,7 @@ so a re-run after a crash skips what is already on disk (no duplicates).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -24,10 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ml_platform.sources.generator import TRANSACTIONS_ARROW_SCHEMA
+from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA
 
 _log = logging.getLogger(__name__)
 _REQUEST_FIELDS = ("transaction_id", "user_id", "merchant_id", "merchant_category", "amount", "country",
@@ -35,7 +34,6 @@ _REQUEST_FIELDS = ("transaction_id", "user_id", "merchant_id", "merchant_categor
 
 DEFAULT_MAXLEN = 1_000_000  # the stream keeps about this many entries if no drain runs
 ENTRY_FIELD = "json"  # each stream entry has one field: the prediction as a JSON object
-PREDICTIONS_LOG_DIR = "predictions_log"
 
 # One prediction, as a Parquet row. Stream fields have the same names (values as strings).
 LOG_SCHEMA = pa.schema(
@@ -61,20 +59,9 @@ _FLOAT = {"amount", "probability", "threshold", "latency_ms"}
 _TIME = {"predicted_at", "event_timestamp"}
 
 
-def predictions_log_dir(settings: Any) -> Path:
-    """Where the drained log lives: <data_dir>/predictions_log (hive-partitioned by date)."""
-    return Path(settings.data_dir) / PREDICTIONS_LOG_DIR
-
-
 def prediction_stream_key(project: str) -> str:
     """The stream of one project's predictions (next to its online store keys)."""
     return f"{project}:predictions"
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):  # NaN -> null: valid JSON
-        return None
-    return value
 
 
 def prediction_entry(
@@ -95,7 +82,8 @@ def prediction_entry(
     """One prediction as the stream stores it: a JSON object (one field, `ENTRY_FIELD`) with the
     `LOG_SCHEMA` columns; flags and features as nested objects. The one place the layout is written.
     (One field, not one per column: redis-py packs each argument in Python, and 21 of them per
-    prediction cost more CPU than the whole scoring.)"""
+    prediction cost more CPU than the whole scoring.) orjson writes a NaN feature as null, numpy
+    scalars as numbers, ~10x faster than json.dumps."""
     ts = transaction["event_timestamp"]
     record = {
         "prediction_id": prediction_id,
@@ -116,10 +104,10 @@ def prediction_entry(
         "threshold": float(threshold),
         "scorer": scorer,
         "latency_ms": round(float(latency_ms), 3),
-        "flags": flags,
-        "features": {k: _json_value(v) for k, v in features.items()},
+        "flags": flags if type(flags) is dict else dict(flags),  # orjson takes dicts, not any Mapping
+        "features": features if type(features) is dict else dict(features),
     }
-    return json.dumps(record, separators=(",", ":")).encode()
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class PredictionLogWriter:
@@ -267,10 +255,10 @@ def _rows_to_table(entries: list[tuple[bytes, dict]]) -> pa.Table:
     for sid, fields in entries:
         raw = fields.get(ENTRY_FIELD.encode(), fields.get(ENTRY_FIELD))
         try:
-            record = json.loads(raw)
+            record = orjson.loads(raw)
             if not isinstance(record, dict):
                 raise TypeError("not a JSON object")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # orjson.JSONDecodeError is a ValueError
             record = {"features": {"unparsed_entry": _text(raw) if raw is not None else repr(fields)}}
         record["stream_id"] = _text(sid)
         for name in LOG_SCHEMA.names:
@@ -280,7 +268,7 @@ def _rows_to_table(entries: list[tuple[bytes, dict]]) -> pa.Table:
             elif name in _TIME:
                 value = datetime.fromisoformat(value).astimezone(UTC)
             elif name in ("flags", "features"):
-                value = json.dumps(value, separators=(",", ":"))
+                value = orjson.dumps(value).decode()
             elif name in _INT:
                 value = int(value)
             elif name in _FLOAT:

@@ -8,14 +8,17 @@ a legit label once `label_maturity_days` have passed; labels not yet arrived at 
 Any one day is a pure function of (config, date): the day's random stream is seeded from
 (seed, date, chunk), so a daily partition can be regenerated alone. Large days are produced in
 chunks of at most `chunk_rows` rows, written as several part files.
+
+The population (users, merchants, vocabulary) is in `population`, the raw layout and writing in
+`raw_events`. This module (~500 lines) keeps the three behaviours (legit spending, account
+takeover, card testing) with the day assembly: they draw from one random stream in a fixed order,
+and any one changed alone would change every later draw of the day.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,83 +31,53 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-# --- The data contract (see the common brief / ml_platform.features) ---
-TRANSACTION_COLUMNS = [
-    "transaction_id",
-    "user_id",
-    "merchant_id",
-    "merchant_category",
-    "amount",
-    "country",
-    "device",
-    "channel",
-    "event_timestamp",
-    "created_timestamp",
-    "is_fraud",
-    "label_timestamp",
+from ml_platform.settings import SyntheticDefaults
+from ml_platform.sources.population import (
+    BASE_CATEGORIES,
+    CHANNELS,
+    COUNTRIES,
+    DEVICES,
+    FAVOURITE_WEIGHTS,
+    HOME_COUNTRIES,
+    MERCHANT_CATEGORIES,
+    N_FAVOURITES,
+    USER_DEVICES,
+    Population,
+    build_population,
+)
+from ml_platform.sources.raw_events import (  # the raw layout; re-exported for existing importers
+    TRANSACTION_COLUMNS,
+    TRANSACTIONS_ARROW_SCHEMA,
+    USERS_ARROW_SCHEMA,
+    parse_date,
+    transactions_partition,
+    write_partition,
+)
+
+__all__ = [
+    "CHANNELS",
+    "COUNTRIES",
+    "DEVICES",
+    "MERCHANT_CATEGORIES",
+    "TRANSACTIONS_ARROW_SCHEMA",
+    "TRANSACTION_COLUMNS",
+    "USERS_ARROW_SCHEMA",
+    "DriftScenario",
+    "GeneratorConfig",
+    "generate_day",
+    "generate_users",
+    "iter_day_chunks",
+    "parse_date",
+    "transactions_partition",
+    "write_dataset",
+    "write_day",
+    "write_partition",
+    "write_range",
+    "write_users",
 ]
-_TS = pa.timestamp("us", tz="UTC")
-TRANSACTIONS_ARROW_SCHEMA = pa.schema(
-    [
-        ("transaction_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("merchant_id", pa.int64()),
-        ("merchant_category", pa.string()),
-        ("amount", pa.float64()),
-        ("country", pa.string()),
-        ("device", pa.string()),
-        ("channel", pa.string()),
-        ("event_timestamp", _TS),
-        ("created_timestamp", _TS),
-        ("is_fraud", pa.int64()),
-        ("label_timestamp", _TS),
-    ]
-)
-USERS_ARROW_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("home_country", pa.string()),
-        ("account_age_days", pa.int64()),
-        ("updated_at", _TS),
-    ]
-)
 
-# --- Vocabulary ---
-# category: (share of merchants, log-amount offset vs the user's usual spend, share of online merchants)
-CATEGORY_PROFILES: dict[str, tuple[float, float, float]] = {
-    "grocery": (0.20, 0.0, 0.03),
-    "restaurants": (0.16, -0.3, 0.10),
-    "fuel": (0.09, 0.2, 0.0),
-    "pharmacy": (0.05, -0.4, 0.05),
-    "clothing": (0.07, 0.4, 0.35),
-    "entertainment": (0.05, -0.1, 0.40),
-    "utilities": (0.04, 0.6, 0.80),
-    "online_retail": (0.13, 0.2, 1.0),
-    "travel": (0.04, 1.6, 0.60),
-    "electronics": (0.06, 1.1, 0.40),
-    "gaming": (0.05, -0.7, 1.0),
-    "jewelry": (0.015, 1.5, 0.20),
-    "gift_cards": (0.015, 0.3, 0.70),
-}
-BASE_CATEGORIES: tuple[str, ...] = tuple(CATEGORY_PROFILES)
-DRIFT_CATEGORIES: tuple[str, ...] = ("crypto_exchange", "digital_wallet", "buy_now_pay_later")
-MERCHANT_CATEGORIES: tuple[str, ...] = BASE_CATEGORIES + DRIFT_CATEGORIES
-_DRIFT_CATEGORY_PROFILE = (0.0, 0.8, 1.0)
-RISKY_CATEGORIES = ("electronics", "jewelry", "gaming", "gift_cards", "online_retail", "travel")
-CARD_TESTING_CATEGORIES = ("gaming", "gift_cards", "online_retail")
-
-HOME_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "CA")
-_HOME_WEIGHTS = np.array([0.30, 0.14, 0.14, 0.12, 0.09, 0.08, 0.06, 0.07])
-OTHER_COUNTRIES = ("BR", "MX", "IN", "NG", "RO", "TR", "PH", "VN", "AE", "TH")
-COUNTRIES: tuple[str, ...] = HOME_COUNTRIES + OTHER_COUNTRIES
-
-USER_DEVICES = ("ios", "android", "desktop", "mobile_web")
-_USER_DEVICE_WEIGHTS = np.array([0.35, 0.35, 0.2, 0.1])
-DEVICES: tuple[str, ...] = USER_DEVICES + ("pos_terminal", "unknown")
 _POS_TERMINAL, _UNKNOWN_DEVICE = len(USER_DEVICES), len(USER_DEVICES) + 1
-CHANNELS: tuple[str, ...] = ("pos", "contactless", "online")
 _POS, _CONTACTLESS, _ONLINE = 0, 1, 2
-
 FRAUD_PATTERNS = ("account_takeover", "card_testing")
 _DAY_S = 86400.0
 _MAX_AMOUNT = 50_000.0
@@ -144,10 +117,10 @@ class DriftScenario:
 class GeneratorConfig:
     """What to generate: population size, period, volumes, fraud rate, label delays, optional drift."""
 
-    seed: int = 7
-    n_users: int = 5000
-    n_merchants: int = 500
-    txns_per_user_per_day: float = 0.6
+    seed: int = SyntheticDefaults.seed
+    n_users: int = SyntheticDefaults.n_users
+    n_merchants: int = SyntheticDefaults.n_merchants
+    txns_per_user_per_day: float = SyntheticDefaults.txns_per_user_per_day
     start: date = date(2024, 1, 1)
     days: int = 30
     fraud_rate: float = 0.008  # target share of fraudulent transactions
@@ -202,18 +175,6 @@ class GeneratorConfig:
         return self.drift is not None and day >= self.drift.start_date
 
 
-def parse_date(value, what: str) -> date:
-    """A date from a date, datetime or YYYY-MM-DD string, with an error naming `what` otherwise."""
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    try:
-        return date.fromisoformat(str(value))
-    except ValueError:
-        raise ValueError(f"{what}: {value!r} is not a date; use YYYY-MM-DD") from None
-
-
 def _as_utc(value, what: str) -> pd.Timestamp:
     try:
         ts = pd.Timestamp(value)
@@ -222,182 +183,10 @@ def _as_utc(value, what: str) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-# --- Population: users and merchants, a pure function of the seed ---
-
-
-class _MerchantPool:
-    """Weighted merchant sampling, globally or within a given country (vectorized)."""
-
-    def __init__(
-        self, merchant_idx: np.ndarray, merchant_country: np.ndarray, weights: np.ndarray, n_countries: int
-    ):
-        country = merchant_country[merchant_idx]
-        order = np.lexsort((merchant_idx, country))
-        self.idx = merchant_idx[order]
-        country = country[order]
-        w = weights[self.idx].astype("float64")
-        self.cdf = np.cumsum(w)
-        counts = np.bincount(country, minlength=n_countries)
-        self.has_country = counts > 0
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        prev = np.where(starts > 0, self.cdf[np.maximum(starts - 1, 0)], 0.0)
-        total = np.where(counts > 0, self.cdf[np.maximum(ends - 1, 0)] - prev, 1.0)
-        within = (self.cdf - np.repeat(prev, counts)) / np.repeat(total, counts)
-        self.key = country + np.minimum(within, 1.0)
-
-    def pick(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        u = rng.random(n) * self.cdf[-1]
-        return self.idx[np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.idx) - 1)]
-
-    def pick_in(self, rng: np.random.Generator, countries: np.ndarray) -> np.ndarray:
-        """One merchant per requested country (any country if the pool has none there)."""
-        u = rng.random(len(countries)) * (1 - 1e-9)
-        pos = np.searchsorted(self.key, countries + u, side="right")
-        out = self.idx[np.minimum(pos, len(self.idx) - 1)]
-        missing = ~self.has_country[countries]
-        if missing.any():
-            out[missing] = self.pick(rng, int(missing.sum()))
-        return out
-
-
-@dataclass(frozen=True)
-class _Population:
-    # users (index i is user_id i + 1)
-    user_home: np.ndarray  # country code
-    user_mu: np.ndarray  # log of usual spend
-    user_peak_hour: np.ndarray
-    user_device: np.ndarray
-    user_activity_cdf: np.ndarray
-    user_age_days: np.ndarray
-    user_victim_cdf: np.ndarray  # young accounts are taken over more often
-    user_favourites: np.ndarray  # (n_users, K) merchant index
-    # merchants (index j is merchant_id j + 1)
-    merchant_category: np.ndarray
-    merchant_country: np.ndarray
-    merchant_online: np.ndarray
-    merchant_offset: np.ndarray  # log-amount offset
-    n_base_merchants: int
-    everyday: _MerchantPool  # base merchants, by popularity
-    risky: _MerchantPool
-    risky_online: _MerchantPool
-    card_testing: _MerchantPool
-    drift_merchants: _MerchantPool | None
-    card_testing_drift: _MerchantPool | None
-
-
-_N_FAVOURITES = 6
-_FAVOURITE_WEIGHTS = np.array([0.3, 0.22, 0.17, 0.13, 0.1, 0.08])
-
-
-@functools.lru_cache(maxsize=4)
-def _build_population(
-    seed: int, n_users: int, n_merchants: int, drift_categories: tuple[str, ...]
-) -> tuple[_Population, list[str]]:
-    """Users and merchants (and the category vocabulary), a pure function of the seed; cached."""
-    rng = np.random.default_rng([seed, 0xC0FFEE])
-    categories = list(MERCHANT_CATEGORIES) + [c for c in drift_categories if c not in MERCHANT_CATEGORIES]
-    cat_index = {c: i for i, c in enumerate(categories)}
-    n_home = len(HOME_COUNTRIES)
-
-    # Merchants: first one per (home country, base category) so every pool has every home country.
-    grid_c, grid_k = np.meshgrid(np.arange(n_home), np.arange(len(BASE_CATEGORIES)), indexing="ij")
-    shares = np.array([p[0] for p in CATEGORY_PROFILES.values()])
-    rest = n_merchants - grid_c.size
-    m_cat = np.concatenate([grid_k.ravel(), rng.choice(len(BASE_CATEGORIES), rest, p=shares / shares.sum())])
-    home_or_other = rng.random(rest) < 0.85
-    rest_country = np.where(
-        home_or_other,
-        rng.choice(n_home, rest, p=_HOME_WEIGHTS),
-        n_home + rng.integers(0, len(OTHER_COUNTRIES), rest),
-    )
-    m_country = np.concatenate([grid_c.ravel(), rest_country])
-    profiles = [CATEGORY_PROFILES.get(c, _DRIFT_CATEGORY_PROFILE) for c in categories]
-    cat_offset = np.array([p[1] for p in profiles])
-    cat_online = np.array([p[2] for p in profiles])
-    m_online = rng.random(n_merchants) < cat_online[m_cat]
-    m_offset = cat_offset[m_cat] + rng.normal(0.0, 0.25, n_merchants)
-    popularity = rng.lognormal(0.0, 1.0, n_merchants)
-    # Merchants of the drift's new categories exist from the start but are used only after it.
-    # They come from their own random stream, so a drift scenario changes nothing before it starts.
-    if drift_categories:
-        drng = np.random.default_rng([seed, 0xD21F7])
-        n_drift = max(len(drift_categories) * n_home, n_merchants // 20)
-        d_cat = np.array([cat_index[drift_categories[i % len(drift_categories)]] for i in range(n_drift)])
-        d_country = np.concatenate(
-            [
-                np.tile(np.arange(n_home), len(drift_categories)),
-                drng.choice(n_home, n_drift - len(drift_categories) * n_home, p=_HOME_WEIGHTS),
-            ]
-        )
-        m_cat = np.concatenate([m_cat, d_cat])
-        m_country = np.concatenate([m_country, d_country])
-        m_online = np.concatenate([m_online, drng.random(n_drift) < cat_online[d_cat]])
-        m_offset = np.concatenate([m_offset, cat_offset[d_cat] + drng.normal(0.0, 0.25, n_drift)])
-        popularity = np.concatenate([popularity, drng.lognormal(0.0, 1.0, n_drift)])
-    n_all = len(m_cat)
-    n_countries = len(COUNTRIES)
-    base_idx = np.arange(n_merchants)
-    risky_mask = np.isin(m_cat[:n_merchants], [cat_index[c] for c in RISKY_CATEGORIES])
-    testing_mask = np.isin(m_cat[:n_merchants], [cat_index[c] for c in CARD_TESTING_CATEGORIES])
-    everyday = _MerchantPool(base_idx, m_country, popularity, n_countries)
-    risky = _MerchantPool(base_idx[risky_mask], m_country, popularity, n_countries)
-    risky_online = _MerchantPool(
-        base_idx[risky_mask & m_online[:n_merchants]], m_country, popularity, n_countries
-    )
-    card_testing = _MerchantPool(
-        base_idx[testing_mask & m_online[:n_merchants]], m_country, popularity, n_countries
-    )
-    drift_pool = testing_drift = None
-    if drift_categories:
-        drift_idx = np.arange(n_merchants, n_all)
-        drift_pool = _MerchantPool(drift_idx, m_country, popularity, n_countries)
-        testing_drift = _MerchantPool(
-            np.concatenate([base_idx[testing_mask & m_online[:n_merchants]], drift_idx]),
-            m_country,
-            popularity,
-            n_countries,
-        )
-
-    # Users.
-    home = rng.choice(n_home, n_users, p=_HOME_WEIGHTS)
-    mu = rng.normal(math.log(30.0), 0.6, n_users)
-    night_owl = rng.random(n_users) < 0.1
-    peak = np.where(night_owl, rng.uniform(21.0, 26.0, n_users), rng.uniform(9.5, 20.0, n_users)) % 24
-    device = rng.choice(len(USER_DEVICES), n_users, p=_USER_DEVICE_WEIGHTS)
-    activity = rng.gamma(2.0, 0.5, n_users)
-    age = np.minimum(rng.exponential(900.0, n_users), 7300.0).astype("int64") + 1
-    victim_weight = np.where(age < 180, 3.0, 1.0) * (0.5 + activity)
-    favourites = (
-        everyday.pick_in(rng, np.repeat(home, _N_FAVOURITES)).reshape(n_users, _N_FAVOURITES).astype("int32")
-    )
-    return _Population(
-        user_home=home,
-        user_mu=mu,
-        user_peak_hour=peak,
-        user_device=device,
-        user_activity_cdf=np.cumsum(activity),
-        user_age_days=age,
-        user_victim_cdf=np.cumsum(victim_weight),
-        user_favourites=favourites,
-        merchant_category=m_cat,
-        merchant_country=m_country,
-        merchant_online=m_online,
-        merchant_offset=m_offset,
-        n_base_merchants=n_merchants,
-        everyday=everyday,
-        risky=risky,
-        risky_online=risky_online,
-        card_testing=card_testing,
-        drift_merchants=drift_pool,
-        card_testing_drift=testing_drift,
-    ), categories
-
-
-def _pop(config: GeneratorConfig) -> tuple[_Population, list[str]]:
+def _pop(config: GeneratorConfig) -> tuple[Population, list[str]]:
     """The config's population (users, merchants) and category vocabulary."""
     drift_categories = config.drift.new_categories if config.drift else ()
-    return _build_population(config.seed, config.n_users, config.n_merchants, drift_categories)
+    return build_population(config.seed, config.n_users, config.n_merchants, drift_categories)
 
 
 def generate_users(config: GeneratorConfig) -> pd.DataFrame:
@@ -480,7 +269,7 @@ def _hash(values: np.ndarray, salt: int) -> np.ndarray:
     return (x >> np.uint64(1)).astype("int64")
 
 
-def _legit(rng, pop: _Population, config: GeneratorConfig, day: date, n: int) -> dict[str, np.ndarray]:
+def _legit(rng, pop: Population, config: GeneratorConfig, day: date, n: int) -> dict[str, np.ndarray]:
     # Sorted draws: the same distribution, but the lookups walk the user arrays in order (cache
     # friendly for millions of users); rows are ordered by time at the end anyway.
     draws = np.sort(rng.random(n)) * pop.user_activity_cdf[-1]
@@ -488,7 +277,7 @@ def _legit(rng, pop: _Population, config: GeneratorConfig, day: date, n: int) ->
     home = pop.user_home[user]
     # 70% a favourite merchant, else a popular one (92% in the home country).
     fav_slot = np.minimum(
-        np.searchsorted(np.cumsum(_FAVOURITE_WEIGHTS), rng.random(n), side="right"), _N_FAVOURITES - 1
+        np.searchsorted(np.cumsum(FAVOURITE_WEIGHTS), rng.random(n), side="right"), N_FAVOURITES - 1
     )
     merchant = pop.user_favourites[user, fav_slot].astype("int64")
     other = rng.random(n) >= 0.7
@@ -525,7 +314,7 @@ def _legit(rng, pop: _Population, config: GeneratorConfig, day: date, n: int) ->
 
 
 def _account_takeovers(
-    rng, pop: _Population, config: GeneratorConfig, n_episodes: int
+    rng, pop: Population, config: GeneratorConfig, n_episodes: int
 ) -> dict[str, np.ndarray]:
     """Bursts on a taken-over account: big amounts, new risky merchants, often foreign, at night, on another device."""
     e = n_episodes
@@ -568,7 +357,7 @@ def _account_takeovers(
 
 
 def _card_testing(
-    rng, pop: _Population, config: GeneratorConfig, day: date, n_episodes: int
+    rng, pop: Population, config: GeneratorConfig, day: date, n_episodes: int
 ) -> dict[str, np.ndarray]:
     """Stolen card numbers tested with several tiny online payments, sometimes followed by a cash-out."""
     e = n_episodes
@@ -687,46 +476,6 @@ def generate_day(config: GeneratorConfig, day: date | str) -> pd.DataFrame:
 
 
 # --- Writing the raw layout ---
-
-
-def transactions_partition(raw_dir: str | Path, day: date) -> Path:
-    """raw_dir/transactions/date=YYYY-MM-DD: the daily partition directory."""
-    return Path(raw_dir) / "transactions" / f"date={day.isoformat()}"
-
-
-def write_partition(frames, raw_dir: str | Path, day: date) -> Path:
-    """Write frames as part-0..part-k of `day`'s partition, replacing the partition as a whole.
-
-    Parts are written into a staging directory next to the data (same file system), then the
-    staged directory takes the partition's place: readers see the old or the new partition."""
-    raw_dir = Path(raw_dir)
-    final = transactions_partition(raw_dir, day)
-    staging_root = raw_dir / "_staging"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staged = staging_root / f"{final.name}-{uuid.uuid4().hex}"
-    staged.mkdir()
-    try:
-        n = 0
-        for i, frame in enumerate(frames):
-            table = pa.Table.from_pandas(
-                frame[TRANSACTION_COLUMNS], schema=TRANSACTIONS_ARROW_SCHEMA, preserve_index=False
-            )
-            pq.write_table(table, staged / f"part-{i}.parquet", compression="zstd")
-            n += 1
-        if n == 0:
-            raise ValueError(f"no rows to write for {day}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if final.exists():
-            old = staging_root / f"old-{final.name}-{uuid.uuid4().hex}"
-            os.replace(final, old)
-        os.replace(staged, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)
-    return final
 
 
 def write_day(config: GeneratorConfig, day: date | str, raw_dir: str | Path) -> Path:

@@ -1,18 +1,124 @@
-"""Reading the raw transaction events back from their daily Parquet partitions (DuckDB)."""
+"""The raw data on disk: the contract's columns and Parquet types, the daily-partition layout
+(raw/transactions/date=YYYY-MM-DD/part-*.parquet, raw/users/users.parquet), writing a partition
+atomically and reading the events back (DuckDB). The generator and the file importer both write
+through `write_partition`; training, batch scoring and the stream worker read through here.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from datetime import date, datetime
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ml_platform import features as fr
 
+# --- The raw data contract: columns and Parquet types of the transaction and user tables ---
+TRANSACTION_COLUMNS = [
+    "transaction_id",
+    "user_id",
+    "merchant_id",
+    "merchant_category",
+    "amount",
+    "country",
+    "device",
+    "channel",
+    "event_timestamp",
+    "created_timestamp",
+    "is_fraud",
+    "label_timestamp",
+]
+_TS = pa.timestamp("us", tz="UTC")
+TRANSACTIONS_ARROW_SCHEMA = pa.schema(
+    [
+        ("transaction_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("merchant_id", pa.int64()),
+        ("merchant_category", pa.string()),
+        ("amount", pa.float64()),
+        ("country", pa.string()),
+        ("device", pa.string()),
+        ("channel", pa.string()),
+        ("event_timestamp", _TS),
+        ("created_timestamp", _TS),
+        ("is_fraud", pa.int64()),
+        ("label_timestamp", _TS),
+    ]
+)
+USERS_ARROW_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("home_country", pa.string()),
+        ("account_age_days", pa.int64()),
+        ("updated_at", _TS),
+    ]
+)
 
-def partition_dir(raw_dir: Path, day: dt.date) -> Path:
+
+def parse_date(value, what: str) -> date:
+    """A date from a date, datetime or YYYY-MM-DD string, with an error naming `what` otherwise."""
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"{what}: {value!r} is not a date; use YYYY-MM-DD") from None
+
+
+# --- Writing ---
+
+
+def transactions_partition(raw_dir: str | Path, day: date) -> Path:
+    """raw_dir/transactions/date=YYYY-MM-DD: the daily partition directory."""
     return Path(raw_dir) / "transactions" / f"date={day.isoformat()}"
+
+
+def write_partition(frames: Iterable[pd.DataFrame], raw_dir: str | Path, day: date) -> Path:
+    """Write frames as part-0..part-k of `day`'s partition, replacing the partition as a whole.
+
+    Parts are written into a staging directory next to the data (same file system), then the
+    staged directory takes the partition's place: readers see the old or the new partition."""
+    raw_dir = Path(raw_dir)
+    final = transactions_partition(raw_dir, day)
+    staging_root = raw_dir / "_staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staged = staging_root / f"{final.name}-{uuid.uuid4().hex}"
+    staged.mkdir()
+    try:
+        n = 0
+        for i, frame in enumerate(frames):
+            table = pa.Table.from_pandas(
+                frame[TRANSACTION_COLUMNS], schema=TRANSACTIONS_ARROW_SCHEMA, preserve_index=False
+            )
+            pq.write_table(table, staged / f"part-{i}.parquet", compression="zstd")
+            n += 1
+        if n == 0:
+            raise ValueError(f"no rows to write for {day}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if final.exists():
+            old = staging_root / f"old-{final.name}-{uuid.uuid4().hex}"
+            os.replace(final, old)
+        os.replace(staged, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    return final
+
+
+# --- Reading ---
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
@@ -27,12 +133,12 @@ def _sql_list(paths: list[Path]) -> str:
 
 def read_days(raw_dir: Path, days: list[dt.date]) -> pd.DataFrame:
     """All events of the given days, as written (the `date` partition column is not returned)."""
-    missing = [d.isoformat() for d in days if not any(partition_dir(raw_dir, d).glob("*.parquet"))]
+    missing = [d.isoformat() for d in days if not any(transactions_partition(raw_dir, d).glob("*.parquet"))]
     if missing:
         raise FileNotFoundError(
             f"no raw transaction partition for {missing} under {Path(raw_dir) / 'transactions'}"
         )
-    globs = [partition_dir(raw_dir, d) / "*.parquet" for d in days]
+    globs = [transactions_partition(raw_dir, d) / "*.parquet" for d in days]
     with _connect() as con:
         return con.execute(
             f"SELECT * EXCLUDE (date) FROM read_parquet({_sql_list(globs)}, hive_partitioning = true) "
