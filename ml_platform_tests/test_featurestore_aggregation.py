@@ -5,35 +5,23 @@ from __future__ import annotations
 import datetime as dt
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from featurestore_fixtures import T, merchant, table, user, write_by_day, write_parquet
 
 from ml_platform.featurestore import (
     Aggregation,
-    Entity,
     FeatureStore,
     FeatureView,
     FileSource,
     NotMaterializedError,
     compile_aggregation_sql,
+    offline,
 )
 from ml_platform.featurestore.aggregation import count_sql, max_sql, mean_sql, min_sql, sum_sql
 
 H, D = dt.timedelta(hours=1), dt.timedelta(days=1)
 
-
-def T(text: str) -> pd.Timestamp:
-    return pd.Timestamp(text, tz="UTC")
-
-
-def write_parquet(path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
-
-
-user = Entity("user", join_keys=["user_id"])
-merchant = Entity("merchant", join_keys=["merchant_id"])
 events = FileSource("events", timestamp_field="ts", created_timestamp_column="created")
 
 
@@ -52,18 +40,16 @@ def spend_view(ttl=None) -> FeatureView:
 
 # user 1: 00:00 10, 00:30 20, 01:00 30, next day 00:30 40 (exactly 24h after the 00:30 event);
 # user 2: one event at 00:45 (100). Files split by day like the raw data.
-EVENTS = pd.DataFrame(
-    {
-        "user_id": [1, 1, 1, 1, 2],
-        "ts": [
-            T("2024-01-01 00:00"),
-            T("2024-01-01 00:30"),
-            T("2024-01-01 01:00"),
-            T("2024-01-02 00:30"),
-            T("2024-01-01 00:45"),
-        ],
-        "amount": [10.0, 20.0, 30.0, 40.0, 100.0],
-    }
+EVENTS = table(
+    "user_id ts amount",
+    [
+        (1, "2024-01-01 00:00", 10.0),
+        (1, "2024-01-01 00:30", 20.0),
+        (1, "2024-01-01 01:00", 30.0),
+        (1, "2024-01-02 00:30", 40.0),
+        (2, "2024-01-01 00:45", 100.0),
+    ],
+    times=["ts"],
 )
 EVENTS["created"] = EVENTS["ts"] + pd.Timedelta(seconds=1)
 
@@ -82,8 +68,7 @@ EXPECTED = [
 
 
 def write_events(repo, frame=EVENTS):
-    for day, part in frame.groupby(frame["ts"].dt.strftime("%Y-%m-%d")):
-        write_parquet(repo / "events" / f"date={day}" / "part-0.parquet", part)
+    write_by_day(repo / "events", frame, "ts")
 
 
 @pytest.fixture()
@@ -117,7 +102,7 @@ def test_materialized_windows_match_hand_computed_values(store):
     result = store.materialize_offline("spend")
     assert result["rows"] == 5
     assert result["path"] == str(store.offline_table_path("spend"))
-    assert result["seconds"] >= 0
+    assert pq.read_metadata(result["path"]).num_rows == result["rows"]  # reports what it wrote
     got = read_offline(store, "spend")
     want = expected_frame()
     assert list(got.columns) == list(want.columns)
@@ -126,13 +111,14 @@ def test_materialized_windows_match_hand_computed_values(store):
 
 
 def test_rows_with_equal_times_collapse_to_one_row(tmp_path):
-    ties = pd.DataFrame(
-        {
-            "user_id": [1, 1, 1],
-            "ts": [T("2024-01-01 00:00"), T("2024-01-01 00:00"), T("2024-01-01 00:20")],
-            "created": [T("2024-01-01 00:00:01"), T("2024-01-01 00:00:07"), T("2024-01-01 00:20")],
-            "amount": [10.0, 30.0, 20.0],
-        }
+    ties = table(
+        "user_id ts created amount",
+        [
+            (1, "2024-01-01 00:00", "2024-01-01 00:00:01", 10.0),
+            (1, "2024-01-01 00:00", "2024-01-01 00:00:07", 30.0),
+            (1, "2024-01-01 00:20", "2024-01-01 00:20", 20.0),
+        ],
+        times=["ts", "created"],
     )
     write_events(tmp_path, ties)
     fs = FeatureStore(tmp_path)
@@ -148,25 +134,17 @@ def test_rows_with_equal_times_collapse_to_one_row(tmp_path):
 
 
 def test_labels_source_skips_rows_whose_label_has_not_arrived(tmp_path):
-    labels = pd.DataFrame(
-        {
-            "merchant_id": [10, 10, 10, 10, 11],
-            "event_timestamp": [
-                T("2024-01-01 00:00"),
-                T("2024-01-01 00:10"),
-                T("2024-01-01 00:20"),
-                T("2024-01-01 00:30"),
-                T("2024-01-01 00:00"),
-            ],
-            "is_fraud": pd.array([1, 0, None, 0, None], dtype="Int64"),
-            "label_timestamp": [
-                T("2024-01-01 02:00"),
-                T("2024-01-01 01:00"),
-                None,
-                T("2024-01-01 02:00"),
-                None,
-            ],
-        }
+    labels = table(
+        "merchant_id event_timestamp is_fraud label_timestamp",
+        [
+            (10, "2024-01-01 00:00", 1, "2024-01-01 02:00"),
+            (10, "2024-01-01 00:10", 0, "2024-01-01 01:00"),
+            (10, "2024-01-01 00:20", None, None),
+            (10, "2024-01-01 00:30", 0, "2024-01-01 02:00"),
+            (11, "2024-01-01 00:00", None, None),
+        ],
+        times=["event_timestamp", "label_timestamp"],
+        dtypes={"is_fraud": "Int64"},
     )
     write_parquet(tmp_path / "tx" / "part-0.parquet", labels)
     view = FeatureView(
@@ -194,7 +172,6 @@ def test_compiled_sql_uses_range_windows_and_one_function_per_aggregate(store):
     assert "RANGE BETWEEN INTERVAL '3600 seconds' PRECEDING AND CURRENT ROW" in sql
     assert "RANGE BETWEEN INTERVAL '86400 seconds' PRECEDING AND CURRENT ROW" in sql
     assert '"ts" IS NOT NULL' in sql
-    assert sql == compile_aggregation_sql(spend_view(), store._source_scan(spend_view()))
     assert count_sql(None, "w") == "count(*) OVER w"
     assert count_sql("amount", "w") == 'count("amount") OVER w'
     assert [f("amount", "w") for f in (sum_sql, min_sql, max_sql)] == [
@@ -203,6 +180,79 @@ def test_compiled_sql_uses_range_windows_and_one_function_per_aggregate(store):
         'max(CAST("amount" AS DOUBLE)) OVER w',
     ]
     assert mean_sql("amount", "w") == '(sum(CAST("amount" AS DOUBLE)) OVER w / count("amount") OVER w)'
+
+
+def test_sql_shown_for_a_view_reads_its_source_and_gives_the_hand_computed_values(store):
+    # What the UI shows must be the query that computes the table: run it on the view's files.
+    with offline.connect() as con:
+        got = con.sql(store.aggregation_sql("spend")).df()
+    got = got.sort_values(["user_id", "event_timestamp"], ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected_frame(), check_dtype=False)
+
+
+# Sub-second window (1.5 s) and NULLs: a NULL amount counts as a row but not as a value; rows with
+# a NULL key or a NULL time are skipped. Windows [t - w, t] include both ends.
+W = dt.timedelta(seconds=1, microseconds=500_000)
+TINY_EVENTS = table(
+    "user_id ts amount",
+    [
+        (1, "2024-01-01 00:00:00", 4.0),
+        (1, "2024-01-01 00:00:01", None),
+        (1, "2024-01-01 00:00:01.5", 2.0),  # 00:00:00 is exactly 1.5 s back: in the window
+        (1, "2024-01-01 00:00:03", None),
+        (1, "2024-01-01 00:00:05", None),  # the only row in its window has no amount
+        (None, "2024-01-01 00:00:01", 100.0),  # no key: skipped
+        (2, None, 7.0),  # no time: skipped
+        (2, "2024-01-01 00:00:02", 7.0),
+    ],
+    times=["ts"],
+    dtypes={"user_id": "Int64"},
+)
+# (user, second) -> rows in 1 s, rows in 1.5 s, amounts in 1.5 s, sum, mean, min, max over 1.5 s
+TINY_EXPECTED = [
+    (1, 0.0, 1, 1, 1, 4.0, 4.0, 4.0, 4.0),
+    (1, 1.0, 2, 2, 1, 4.0, 4.0, 4.0, 4.0),
+    (1, 1.5, 2, 3, 2, 6.0, 3.0, 2.0, 4.0),
+    (1, 3.0, 1, 2, 1, 2.0, 2.0, 2.0, 2.0),
+    (1, 5.0, 1, 1, 0, None, None, None, None),
+    (2, 2.0, 1, 1, 1, 7.0, 7.0, 7.0, 7.0),
+]
+
+
+def test_compiled_sql_on_a_hand_made_table_gives_hand_computed_windows():
+    view = FeatureView(
+        "tiny",
+        entities=[user],
+        source=FileSource("unused", timestamp_field="ts"),
+        aggregations=[
+            Aggregation("count", dt.timedelta(seconds=1), name="rows_1s"),
+            Aggregation("count", W, name="rows"),
+            *(
+                Aggregation(function, W, "amount", name=name)
+                for function, name in (
+                    ("count", "amounts"),
+                    ("sum", "total"),
+                    ("mean", "mean"),
+                    ("min", "low"),
+                    ("max", "high"),
+                )
+            ),
+        ],
+    )
+    sql = compile_aggregation_sql(view, "tiny_events")
+    assert "INTERVAL '1500000 microseconds' PRECEDING" in sql and "INTERVAL '1 seconds' PRECEDING" in sql
+    with offline.connect() as con:
+        con.register("tiny_events", TINY_EVENTS)
+        got = con.sql(sql + " ORDER BY user_id, event_timestamp").df()
+    start = T("2024-01-01")
+    features = ["rows_1s", "rows", "amounts", "total", "mean", "low", "high"]
+    assert list(got.columns) == ["user_id", "event_timestamp", "created_timestamp", *features]
+    assert got["created_timestamp"].isna().all()  # the source declares no created column
+    rows = [
+        (r.user_id, (r.event_timestamp - start).total_seconds(), *[None if pd.isna(v) else v for v in r[3:]])
+        for r in got.itertuples(index=False)
+    ]
+    assert rows == TINY_EXPECTED
 
 
 def test_historical_features_read_the_materialized_table(store):
@@ -272,17 +322,19 @@ def test_materialize_refuses_views_without_aggregations(tmp_path):
 
 
 def test_table_of_an_older_view_definition_is_not_read(store):
+    # At 01:00 user 1 has rows at 00:00, 00:30, 01:00: 3 within 1 h, 2 within 30 min.
+    rows = pd.DataFrame({"user_id": [1], "event_timestamp": [T("2024-01-01 01:00")]})
     store.materialize_offline("spend")
-    rows = pd.DataFrame({"user_id": [1], "event_timestamp": [T("2024-01-01 00:45")]})
-    changed = FeatureView(
-        "spend", entities=[user], source=events, aggregations=[Aggregation("count", 2 * H, name="count_1h")]
+    assert store.get_historical_features(rows, ["spend:count_1h"])["count_1h"].tolist() == [3]
+    redefined = FeatureView(
+        "spend", entities=[user], source=events, aggregations=[Aggregation("count", H / 2, name="count_1h")]
     )
-    store.apply([changed])
+    store.apply([redefined])
     with pytest.raises(NotMaterializedError, match="another definition"):
         store.get_historical_features(rows, ["spend:count_1h"])
     store.materialize_offline("spend")
     assert store.get_historical_features(rows, ["spend:count_1h"])["count_1h"].tolist() == [2]
-    store.apply([spend_view(ttl=D)])  # only the ttl differs from the first definition: no recompute needed
+    store.apply([spend_view(ttl=D)])  # back to the 1 h window
     store.materialize_offline("spend")
-    store.apply([spend_view(ttl=H)])
-    assert store.get_historical_features(rows, ["spend:count_1h"])["count_1h"].tolist() == [2]
+    store.apply([spend_view(ttl=H)])  # only the ttl differs from the table's definition: still read
+    assert store.get_historical_features(rows, ["spend:count_1h"])["count_1h"].tolist() == [3]

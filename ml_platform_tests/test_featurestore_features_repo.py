@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from featurestore_fixtures import T, write_by_day, write_parquet
 
 from ml_platform import features as repo
 from ml_platform.featurestore import FeatureStore
 
 TS = pa.timestamp("us", tz="UTC")
-
-
-def T(text: str) -> pd.Timestamp:
-    return pd.Timestamp(text, tz="UTC")
 
 
 # t1..t5 as in the data contract. Labels: t1 (legit) known at 01-01 12:00, t2 (fraud) at 01-02 09:00,
@@ -77,15 +73,8 @@ def _schema(frame: pd.DataFrame) -> pa.Schema:
 @pytest.fixture()
 def store(settings) -> FeatureStore:
     data = settings.data_dir
-    for day, part in TRANSACTIONS.groupby(TRANSACTIONS["event_timestamp"].dt.strftime("%Y-%m-%d")):
-        path = data / repo.TRANSACTIONS_PATH / f"date={day}" / "part-0.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pandas(part, schema=_schema(part), preserve_index=False), path)
-    (data / repo.USERS_PATH).mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.Table.from_pandas(USERS, schema=_schema(USERS), preserve_index=False),
-        data / repo.USERS_PATH / "users.parquet",
-    )
+    write_by_day(data / repo.TRANSACTIONS_PATH, TRANSACTIONS, "event_timestamp", _schema(TRANSACTIONS))
+    write_parquet(data / repo.USERS_PATH / "users.parquet", USERS, _schema(USERS))
     fs = FeatureStore(data)
     fs.apply([*repo.ENTITIES, *repo.FEATURE_VIEWS])
     for view in repo.FEATURE_VIEWS:

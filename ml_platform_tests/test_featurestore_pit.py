@@ -5,58 +5,25 @@ from __future__ import annotations
 import datetime as dt
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from featurestore_fixtures import T, merchant, table, user, write_by_day, write_parquet
 
-from ml_platform.featurestore import (
-    Entity,
-    FeatureStore,
-    FeatureView,
-    Field,
-    FileSource,
-    Float64,
-    Int64,
-    String,
-)
+from ml_platform.featurestore import FeatureStore, FeatureView, Field, FileSource, Float64, Int64, String
 
 H = dt.timedelta(hours=1)
 
-
-def T(text: str) -> pd.Timestamp:
-    return pd.Timestamp(text, tz="UTC")
-
-
-def write_parquet(path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
-
-
-user = Entity("user", join_keys=["user_id"])
-merchant = Entity("merchant", join_keys=["merchant_id"])
-
 # user 1: 10:00 -> 1.0; two rows at 11:00, the later-created one (11:05, 2.0) must win; 12:00 -> 3.0
 # user 2: 09:00 -> 5.0
-USER_STATS = pd.DataFrame(
-    {
-        "user_id": [1, 1, 1, 1, 2],
-        "event_timestamp": [
-            T("2024-01-01 10:00"),
-            T("2024-01-01 11:00"),
-            T("2024-01-01 11:00"),
-            T("2024-01-01 12:00"),
-            T("2024-01-01 09:00"),
-        ],
-        "created": [
-            T("2024-01-01 10:00"),
-            T("2024-01-01 11:05"),
-            T("2024-01-01 11:01"),
-            T("2024-01-01 12:00"),
-            T("2024-01-01 09:00"),
-        ],
-        "score": [1.0, 2.0, 9.0, 3.0, 5.0],
-        "n": [1, 2, 9, 3, 5],
-    }
+USER_STATS = table(
+    "user_id event_timestamp created score n",
+    [
+        (1, "2024-01-01 10:00", "2024-01-01 10:00", 1.0, 1),
+        (1, "2024-01-01 11:00", "2024-01-01 11:05", 2.0, 2),
+        (1, "2024-01-01 11:00", "2024-01-01 11:01", 9.0, 9),
+        (1, "2024-01-01 12:00", "2024-01-01 12:00", 3.0, 3),
+        (2, "2024-01-01 09:00", "2024-01-01 09:00", 5.0, 5),
+    ],
+    times=["event_timestamp", "created"],
 )
 
 
@@ -276,8 +243,7 @@ def test_missing_source_column_names_it(tmp_path):
 
 
 def test_source_directory_with_hive_partitions_ignores_partition_column(tmp_path):
-    for day, part in USER_STATS.groupby(USER_STATS["event_timestamp"].dt.strftime("%Y-%m-%d")):
-        write_parquet(tmp_path / "stats" / f"date={day}" / "part-0.parquet", part)
+    write_by_day(tmp_path / "stats", USER_STATS, "event_timestamp")
     write_parquet(tmp_path / "stats" / "date=2023-12-31" / "part-0.parquet", USER_STATS.iloc[:0])
     fs = FeatureStore(tmp_path)
     fs.apply([user_stats_view(path=str(tmp_path / "stats"))])  # absolute path

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 from ml_platform.featurestore.definitions import Aggregation, FeatureView
 from ml_platform.featurestore.offline import CREATED_TS, FEATURE_TS, interval_sql, quote_identifier
+from ml_platform.timestamps import US_PER_SECOND, span_us
 
 _TS = "__source_ts"
 _CREATED = "__source_created_ts"
@@ -62,8 +63,8 @@ AGGREGATE_SQL = {"count": count_sql, "sum": sum_sql, "mean": mean_sql, "min": mi
 
 def window_name(window: timedelta) -> str:
     """The SQL name of the window clause for `window` (one per distinct window length)."""
-    micros = (window.days * 86400 + window.seconds) * 1_000_000 + window.microseconds
-    return f"w_{micros // 1_000_000}s" if micros % 1_000_000 == 0 else f"w_{micros}us"
+    micros = span_us(window)
+    return f"w_{micros // US_PER_SECOND}s" if micros % US_PER_SECOND == 0 else f"w_{micros}us"
 
 
 def aggregation_sql(aggregation: Aggregation) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
+from ml_platform.timestamps import US_PER_SECOND, span_us
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -59,7 +61,9 @@ class Field:
     def __post_init__(self) -> None:
         _check_name("Field", self.name)
         if not isinstance(self.dtype, ValueType):
-            raise TypeError(f"Field {self.name!r}: dtype must be a ValueType such as Float64, got {self.dtype!r}")
+            raise TypeError(
+                f"Field {self.name!r}: dtype must be a ValueType such as Float64, got {self.dtype!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,17 @@ class FileSource:
 
     def __post_init__(self) -> None:
         if self.file_format not in ("parquet", "csv"):
-            raise ValueError(f"FileSource {self.path!r}: file_format must be 'parquet' or 'csv', got {self.file_format!r}")
+            raise ValueError(
+                f"FileSource {self.path!r}: file_format must be 'parquet' or 'csv', got {self.file_format!r}"
+            )
 
 
 AGGREGATION_FUNCTIONS = ("count", "sum", "mean", "min", "max")
 
 
 def _window_label(window: timedelta) -> str:
-    seconds = int(window.total_seconds())
+    """A window's short name in default feature names: 1h, 24h, 30d (whole units), else seconds."""
+    seconds = span_us(window) // US_PER_SECOND
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % size == 0:
             return f"{seconds // size}{unit}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ml_platform.featurestore.definitions import FeatureView, FileSource
+from ml_platform.timestamps import US_PER_SECOND, from_us, span_us, to_us
 
 ENTITY_TS = "event_timestamp"  # entity rows' time column (Feast convention)
 FEATURE_TS = "event_timestamp"  # feature tables' normalized time column
@@ -62,9 +63,9 @@ def quote_literal(text: str) -> str:
 
 def interval_sql(span: timedelta) -> str:
     """An exact DuckDB INTERVAL (seconds or microseconds, never calendar days, so no DST effects)."""
-    micros = (span.days * 86400 + span.seconds) * 1_000_000 + span.microseconds
-    if micros % 1_000_000 == 0:
-        return f"INTERVAL '{micros // 1_000_000} seconds'"
+    micros = span_us(span)
+    if micros % US_PER_SECOND == 0:
+        return f"INTERVAL '{micros // US_PER_SECOND} seconds'"
     return f"INTERVAL '{micros} microseconds'"
 
 
@@ -336,10 +337,11 @@ def point_in_time_join(
 
 
 def as_of_utc(as_of: datetime | pd.Timestamp) -> datetime:
-    """A tz-aware UTC datetime; a naive one is taken to be UTC (as for entity rows)."""
-    ts = pd.Timestamp(as_of)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return ts.to_pydatetime().astimezone(UTC)
+    """A tz-aware UTC datetime (µs resolution); a naive one is taken to be UTC (as for entity rows)."""
+    us = to_us(as_of)
+    if us is None:
+        raise ValueError(f"as_of must be a timestamp, got {as_of!r}")
+    return from_us(us)
 
 
 def latest_sql(table: FeatureTable) -> str:
