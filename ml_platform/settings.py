@@ -6,7 +6,7 @@ DuckDB/Parquet files, the MLflow SQLite store, the embedded Redis and DAGSTER_HO
 `data/`. Point at real services with env vars (see README, "Settings"):
 
     ML_PLATFORM_DATA_DIR, DAGSTER_HOME, MLFLOW_TRACKING_URI, REDIS_URL,
-    ML_PLATFORM_MODEL_NAME, ML_PLATFORM_PROJECT, ML_PLATFORM_PROMOTION_MARGIN,
+    ML_PLATFORM_MODEL_NAME, ML_PLATFORM_MODEL_TYPE, ML_PLATFORM_PROJECT, ML_PLATFORM_PROMOTION_MARGIN,
     ML_PLATFORM_STREAM_BATCH_SIZE
 
 The module-level constants below are the defaults every consumer (resources, CLI, generator,
@@ -31,10 +31,12 @@ DEFAULT_PROJECT = "ml_platform"  # key prefix of everything the platform keeps i
 DEFAULT_PROMOTION_METRIC = "pr_auc"
 # A challenger must beat the champion by strictly more than this on the same held-out rows.
 DEFAULT_PROMOTION_MARGIN = 0.0
+DEFAULT_MODEL_TYPE = "hist_gradient_boosting"  # one of ml_platform.training.model_types.MODEL_TYPES
 DEFAULT_STREAM_BATCH_SIZE = 1000  # events per XREADGROUP of the stream worker (measured best, docs/streaming.md)
 DEFAULT_STREAM_GROUP = "scorers"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_UI_PORT = 3000
+PREDICTIONS_DB_NAME = "predictions.duckdb"  # batch predictions, under the data directory
 
 
 class SyntheticDefaults:
@@ -59,6 +61,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     model_name: str = Field(default=DEFAULT_MODEL_NAME, validation_alias="ML_PLATFORM_MODEL_NAME")
     project: str = Field(default=DEFAULT_PROJECT, validation_alias="ML_PLATFORM_PROJECT")
+    model_type: str = Field(default=DEFAULT_MODEL_TYPE, validation_alias="ML_PLATFORM_MODEL_TYPE")
     promotion_metric: str = DEFAULT_PROMOTION_METRIC
     promotion_margin: float = Field(default=DEFAULT_PROMOTION_MARGIN, validation_alias="ML_PLATFORM_PROMOTION_MARGIN")
     stream_batch_size: int = Field(
@@ -108,6 +111,11 @@ class Settings(BaseSettings):
     def predictions_log_dir(self) -> Path:
         """The API's and the stream's prediction log, as Parquet (date=YYYY-MM-DD/ parts)."""
         return self.data_dir / "predictions_log"
+
+    @property
+    def predictions_db_path(self) -> Path:
+        """The DuckDB database batch scoring publishes to (`predictions` table)."""
+        return self.data_dir / PREDICTIONS_DB_NAME
 
     @property
     def reports_dir(self) -> Path:

@@ -43,6 +43,7 @@ from ml_platform.features import (
 )
 from ml_platform.featurestore.definitions import FeatureView, ValueType, parse_feature_ref
 from ml_platform.transactions import TRANSACTION, EventContract, IntegerField, NumberField, TextField
+
 SAMPLE_SIZE = 5
 
 # The instant "now" for the not-in-the-future checks; set by validate(), else the wall clock.

@@ -190,7 +190,7 @@ class TrainingConfig(dg.Config):
     """Which model to train: a type of `ml_platform.training.model_types` and its parameters
     (validated over the type's defaults; an unknown name or value fails naming it)."""
 
-    model_type: str | None = None  # None: training.model_types.DEFAULT_MODEL_TYPE (HistGradientBoosting)
+    model_type: str | None = None  # None: settings.model_type (ML_PLATFORM_MODEL_TYPE, default HistGradientBoosting)
     params: dict[str, Any] = {}  # noqa: RUF012 - pydantic copies field defaults per instance
     random_state: int = 0
 
@@ -203,12 +203,15 @@ class TrainingConfig(dg.Config):
     "threshold chosen on validation.",
 )
 def trained_model(config: TrainingConfig, feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+    from ml_platform.settings import load_settings
     from ml_platform.training.pipeline import train_candidate
 
-    chosen = {"model_type": config.model_type} if config.model_type else {}
     try:
         candidate = train_candidate(
-            feature_store.data_dir, params=config.params, random_state=config.random_state, **chosen
+            feature_store.data_dir,
+            params=config.params,
+            random_state=config.random_state,
+            model_type=config.model_type or load_settings().model_type,
         )
     except ValueError as exc:  # a bad model_type / params.<name>: the message names it
         raise dg.Failure(f"trained_model config: {exc}") from exc

@@ -17,13 +17,13 @@ from ml_platform.settings import (
     DEFAULT_PROJECT,
     DEFAULT_PROMOTION_MARGIN,
     DEFAULT_PROMOTION_METRIC,
+    PREDICTIONS_DB_NAME,
     Settings,
     SyntheticDefaults,
     load_settings,
 )
 
 EVENT_SOURCE_KINDS = ("synthetic", "files")
-PREDICTIONS_DB_NAME = "predictions.duckdb"  # under the data directory
 
 
 class FeatureStoreResource(dg.ConfigurableResource):

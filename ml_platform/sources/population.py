@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ml_platform.transactions import CHANNELS, DEVICES, KNOWN_MERCHANT_CATEGORIES
+
 # --- Vocabulary ---
 # category: (share of merchants, log-amount offset vs the user's usual spend, share of online merchants)
 CATEGORY_PROFILES: dict[str, tuple[float, float, float]] = {
@@ -30,8 +32,11 @@ CATEGORY_PROFILES: dict[str, tuple[float, float, float]] = {
     "gift_cards": (0.015, 0.3, 0.70),
 }
 BASE_CATEGORIES: tuple[str, ...] = tuple(CATEGORY_PROFILES)
-DRIFT_CATEGORIES: tuple[str, ...] = ("crypto_exchange", "digital_wallet", "buy_now_pay_later")
-MERCHANT_CATEGORIES: tuple[str, ...] = BASE_CATEGORIES + DRIFT_CATEGORIES
+# The vocabularies are the transaction contract's: the world draws categories, devices and
+# channels by index into them, so the profiles above list the contract's first categories in order.
+MERCHANT_CATEGORIES: tuple[str, ...] = KNOWN_MERCHANT_CATEGORIES
+DRIFT_CATEGORIES: tuple[str, ...] = MERCHANT_CATEGORIES[len(BASE_CATEGORIES) :]  # appear with drift only
+assert MERCHANT_CATEGORIES[: len(BASE_CATEGORIES)] == BASE_CATEGORIES, "profiles must follow the contract's order"
 _DRIFT_CATEGORY_PROFILE = (0.0, 0.8, 1.0)
 RISKY_CATEGORIES = ("electronics", "jewelry", "gaming", "gift_cards", "online_retail", "travel")
 CARD_TESTING_CATEGORIES = ("gaming", "gift_cards", "online_retail")
@@ -41,10 +46,10 @@ _HOME_WEIGHTS = np.array([0.30, 0.14, 0.14, 0.12, 0.09, 0.08, 0.06, 0.07])
 OTHER_COUNTRIES = ("BR", "MX", "IN", "NG", "RO", "TR", "PH", "VN", "AE", "TH")
 COUNTRIES: tuple[str, ...] = HOME_COUNTRIES + OTHER_COUNTRIES
 
-USER_DEVICES = ("ios", "android", "desktop", "mobile_web")
+# DEVICES and CHANNELS come from the contract; a card holder's own device is one of the first four.
+USER_DEVICES = DEVICES[:4]
 _USER_DEVICE_WEIGHTS = np.array([0.35, 0.35, 0.2, 0.1])
-DEVICES: tuple[str, ...] = USER_DEVICES + ("pos_terminal", "unknown")
-CHANNELS: tuple[str, ...] = ("pos", "contactless", "online")
+assert DEVICES[len(USER_DEVICES) :] == ("pos_terminal", "unknown") and CHANNELS == ("pos", "contactless", "online")
 
 
 

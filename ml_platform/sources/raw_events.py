@@ -1,4 +1,4 @@
-"""The raw data on disk: the contract's columns and Parquet types, the daily-partition layout
+"""The raw data on disk: the transaction contract's columns and Parquet types, the daily-partition layout
 (raw/transactions/date=YYYY-MM-DD/part-*.parquet, raw/users/users.parquet), writing a partition
 atomically and reading the events back (DuckDB). The generator and the file importer both write
 through `write_partition`; training, batch scoring and the stream worker read through here.
@@ -20,39 +20,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ml_platform import features as fr
-
-# --- The raw data contract: columns and Parquet types of the transaction and user tables ---
-TRANSACTION_COLUMNS = [
-    "transaction_id",
-    "user_id",
-    "merchant_id",
-    "merchant_category",
-    "amount",
-    "country",
-    "device",
-    "channel",
-    "event_timestamp",
-    "created_timestamp",
-    "is_fraud",
-    "label_timestamp",
-]
-_TS = pa.timestamp("us", tz="UTC")
-TRANSACTIONS_ARROW_SCHEMA = pa.schema(
-    [
-        ("transaction_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("merchant_id", pa.int64()),
-        ("merchant_category", pa.string()),
-        ("amount", pa.float64()),
-        ("country", pa.string()),
-        ("device", pa.string()),
-        ("channel", pa.string()),
-        ("event_timestamp", _TS),
-        ("created_timestamp", _TS),
-        ("is_fraud", pa.int64()),
-        ("label_timestamp", _TS),
-    ]
+from ml_platform.transactions import (
+    TABLE_ONLY_COLUMNS,
+    TRANSACTION,
+    IntegerField,
+    NumberField,
+    TextField,
+    TimestampField,
 )
+
+# --- The raw transaction table: the transaction contract's fields, then the table-only columns ---
+_TS = pa.timestamp("us", tz="UTC")
+_ARROW_OF = {TextField: pa.string(), IntegerField: pa.int64(), NumberField: pa.float64(), TimestampField: _TS}
+TRANSACTIONS_ARROW_SCHEMA = pa.schema(
+    [(spec.name, _ARROW_OF[type(spec)]) for spec in TRANSACTION.fields]
+    + [(fr.CREATED_TS, _TS), (fr.LABEL, pa.int64()), (fr.LABEL_TS, _TS)]
+)
+assert tuple(TRANSACTIONS_ARROW_SCHEMA.names[len(TRANSACTION.fields) :]) == TABLE_ONLY_COLUMNS
+TRANSACTION_COLUMNS = list(TRANSACTIONS_ARROW_SCHEMA.names)
 USERS_ARROW_SCHEMA = pa.schema(
     [
         ("user_id", pa.int64()),

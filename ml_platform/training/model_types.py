@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ml_platform.settings import DEFAULT_MODEL_TYPE  # the training default (re-exported)
+
 if TYPE_CHECKING:  # scikit-learn is imported by the builders: the contract imports this module
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
 
     from ml_platform.training.contract import ModelContract
-
-DEFAULT_MODEL_TYPE = "hist_gradient_boosting"
 
 
 class _Params(BaseModel):
