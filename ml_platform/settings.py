@@ -7,7 +7,7 @@ DuckDB/Parquet files, the MLflow SQLite store, the embedded Redis and DAGSTER_HO
 
     ML_PLATFORM_DATA_DIR, DAGSTER_HOME, MLFLOW_TRACKING_URI, REDIS_URL,
     ML_PLATFORM_MODEL_NAME, ML_PLATFORM_MODEL_TYPE, ML_PLATFORM_PROJECT, ML_PLATFORM_PROMOTION_MARGIN,
-    ML_PLATFORM_STREAM_BATCH_SIZE
+    ML_PLATFORM_STREAM_BATCH_SIZE, ML_PLATFORM_EVENTS_PATH
 
 The module-level constants below are the defaults every consumer (resources, CLI, generator,
 stream worker) derives from; nothing else writes these values down again.
@@ -64,11 +64,14 @@ class Settings(BaseSettings):
     model_type: str = Field(default=DEFAULT_MODEL_TYPE, validation_alias="ML_PLATFORM_MODEL_TYPE")
     promotion_metric: str = DEFAULT_PROMOTION_METRIC
     promotion_margin: float = Field(default=DEFAULT_PROMOTION_MARGIN, validation_alias="ML_PLATFORM_PROMOTION_MARGIN")
+    # The user's own events (a Parquet/CSV file or folder with the contract's columns): when set,
+    # the `event_source` resource imports them instead of generating synthetic ones.
+    events_path: Path | None = Field(default=None, validation_alias="ML_PLATFORM_EVENTS_PATH")
     stream_batch_size: int = Field(
         default=DEFAULT_STREAM_BATCH_SIZE, ge=1, le=10_000, validation_alias="ML_PLATFORM_STREAM_BATCH_SIZE"
     )
 
-    @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", mode="before")
+    @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

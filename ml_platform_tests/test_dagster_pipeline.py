@@ -220,3 +220,15 @@ def test_rollback_job_moves_champion_back_and_records_why(trained_platform):
     assert registry.champion().version == previous
     last = registry.alias_history("champion")[-1]
     assert (last["alias"], last["to_version"], last["who"], last["why"]) == ("champion", previous, "oncall", "bad canary")
+
+
+def test_own_events_path_switches_the_event_source_to_the_users_files(tmp_path):
+    from ml_platform.defs.resources import default_resources
+    from ml_platform.settings import load_settings
+
+    events = tmp_path / "my_events.parquet"
+    settings = load_settings({"ML_PLATFORM_DATA_DIR": str(tmp_path / "data"), "ML_PLATFORM_EVENTS_PATH": str(events)})
+    source = default_resources(settings, seed=3)["event_source"]
+    assert (source.kind, source.import_path) == ("files", str(events))
+    plain = default_resources(load_settings({"ML_PLATFORM_DATA_DIR": str(tmp_path / "data")}), seed=3)
+    assert (plain["event_source"].kind, plain["event_source"].seed) == ("synthetic", 3)

@@ -128,6 +128,8 @@ class EventSourceResource(dg.ConfigurableResource):
 def default_resources(settings: Settings | None = None, **source_overrides) -> dict:
     """Resources built from settings (env vars with embedded defaults)."""
     settings = settings or load_settings()
+    if settings.events_path and "kind" not in source_overrides:  # ML_PLATFORM_EVENTS_PATH: the user's files
+        source_overrides = {"kind": "files", "import_path": str(settings.events_path.expanduser().resolve())}
     kind = source_overrides.get("kind", "synthetic")
     if kind not in EVENT_SOURCE_KINDS:
         raise ValueError(f"event_source kind must be one of {EVENT_SOURCE_KINDS}, got {kind!r}")
