@@ -13,14 +13,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from fastapi.testclient import TestClient
 
 from ml_platform import features as fr
 from ml_platform.registry import CHAMPION
 from ml_platform.serving.api import ServingConfig, create_app
-from ml_platform.serving.fast_scorer import build_scoring_path
+from ml_platform.serving.api.testing import InProcessClient
 from ml_platform.serving.prediction_log import ENTRY_FIELD, drain_prediction_log, prediction_stream_key
-from ml_platform.serving.scoring import LoadedModel, assemble_features
+from ml_platform.serving.scoring import assemble_features
 
 try:  # ml_platform_tests on sys.path (rootdir conftest) or imported as a package
     from fixtures_platform import TcpProxy, serving_settings, tiny_platform
@@ -31,7 +30,7 @@ except ImportError:
 @pytest.fixture(scope="module")
 def client(tiny_platform):
     app = create_app(tiny_platform.settings, ServingConfig(poll_interval_s=0.2))
-    with TestClient(app) as c:
+    with InProcessClient(app) as c:
         yield c
 
 
@@ -178,8 +177,16 @@ def test_missing_fields_and_bad_batch_rows_are_named(client, tiny_platform):
     rows = [tiny_platform.transaction(), tiny_platform.transaction(amount=-1)]
     out = client.post("/predict/batch", json={"transactions": rows}).json()
     assert [e["field"] for e in out["errors"]] == ["transactions.1.amount"]
-    resp = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
-    assert resp.status_code == 422 and resp.json()["errors"][0]["type"] == "json_invalid"
+
+
+def test_malformed_json_is_a_422_naming_the_body(client):
+    resp = client.post("/predict", content=b'{"user_id": 1, oops}', headers={"content-type": "application/json"})
+    assert resp.status_code == 422
+    (error,) = resp.json()["errors"]
+    assert (error["field"], error["type"]) == ("body", "json_invalid")  # not "15", a character offset
+    assert "at character 15" in error["message"] and resp.json()["message"].startswith("body: JSON")
+    resp = client.post("/predict/batch", content=b"[1, 2", headers={"content-type": "application/json"})
+    assert resp.status_code == 422 and [e["field"] for e in resp.json()["errors"]] == ["body"]
 
 
 def test_defaults_lowercase_country_and_openapi_example(client, tiny_platform):
@@ -252,7 +259,7 @@ def test_redis_outage_is_a_503_and_the_service_recovers_by_itself(tiny_platform)
     body = tiny_platform.transaction()
     app = create_app(settings, ServingConfig(poll_interval_s=60))
     try:
-        with TestClient(app) as c:
+        with InProcessClient(app) as c:
             started = time.perf_counter()
             resp = c.post("/predict", json=body)
             assert time.perf_counter() - started < 1.5  # short timeouts, no 4 s of retries
@@ -278,7 +285,7 @@ def test_redis_outage_is_a_503_and_the_service_recovers_by_itself(tiny_platform)
 
 def test_no_champion_is_a_503_naming_the_alias(tmp_path, tiny_platform):
     settings = serving_settings(tmp_path, tiny_platform.project)  # an empty MLflow store
-    with TestClient(create_app(settings, ServingConfig(poll_interval_s=60))) as c:
+    with InProcessClient(create_app(settings, ServingConfig(poll_interval_s=60))) as c:
         resp = c.post("/predict", json=tiny_platform.transaction())
         assert resp.status_code == 503 and resp.json()["error"] == "model_not_loaded"
         assert "'champion'" in resp.json()["message"]
@@ -319,35 +326,6 @@ def test_alias_change_is_served_within_seconds_from_memory(client, tiny_platform
     assert _eventually(lambda: client.post("/predict", json=body).json()["model_version"] == 2)
 
 
-# --------------------------------------------------------------------------- fast path
-
-
-def test_fast_path_checks_parity_and_falls_back_when_a_definition_changes(tiny_platform, monkeypatch):
-    model, contract = tiny_platform.registry.load_model(2)
-    loaded = LoadedModel(2, model, contract)
-    fast = build_scoring_path(loaded)
-    assert (fast.features, fast.scorer) == ("compiled", "treelite") and fast.parity_max_abs_diff < 1e-9
-    assert build_scoring_path(loaded, "sklearn").name == "reference+sklearn"
-
-    original = fr.add_request_features
-
-    def night_until_seven(frame):  # someone changes a request feature's definition
-        out = original(frame)
-        out["is_night"] = out["hour_of_day"].between(0, 6).astype("int64")
-        return out
-
-    monkeypatch.setattr(fr, "add_request_features", night_until_seven)
-    path = build_scoring_path(loaded)
-    assert (path.features, path.scorer) == ("reference", "treelite")
-    assert "is_night" in path.reasons[-1] and "compiled request features differ" in path.reasons[-1]
-
-    from sklearn.linear_model import LogisticRegression
-
-    other = LoadedModel(9, LogisticRegression(), contract)
-    path = build_scoring_path(other)
-    assert path.name == "reference+sklearn" and "not a 2-step Pipeline" in path.reasons[0]
-
-
 # --------------------------------------------------------------------------- prediction log
 
 
@@ -355,7 +333,8 @@ def test_every_prediction_is_logged_and_drained_to_parquet_exactly_once(client, 
     state = _state(client)
     stream = prediction_stream_key(tiny_platform.project)
     r = tiny_platform.redis
-    drain_prediction_log(r, stream, tmp_path / "warmup")  # empty the stream of earlier tests' entries
+    assert client.portal.call(state.log.flush, 5.0)  # earlier tests' entries reach the stream ...
+    drain_prediction_log(r, stream, tmp_path / "warmup")  # ... and are drained: the stream is empty
     transactions = [tiny_platform.transaction(transaction_id=f"log-{i}", amount=10.0 + i) for i in range(7)]
     ids = [client.post("/predict", json=t).json()["prediction_id"] for t in transactions[:4]]
     ids += [
@@ -369,7 +348,13 @@ def test_every_prediction_is_logged_and_drained_to_parquet_exactly_once(client, 
 
     first = json.loads(entries[0][1][ENTRY_FIELD.encode()])
     assert first["prediction_id"] == ids[0] and first["transaction_id"] == "log-0" and first["amount"] == 10.0
-    assert first["model_version"] == 2 and first["features"]["amount"] == 10.0 and first["latency_ms"] > 0
+    assert first["model_version"] == 2 and first["features"]["amount"] == 10.0
+    answered = client.post("/predict", json=transactions[0]).json()  # the log's latency is the answer's
+    assert client.portal.call(state.log.flush, 5.0)
+    logged = json.loads(r.xrange(stream)[-1][1][ENTRY_FIELD.encode()])
+    assert logged["prediction_id"] == answered["prediction_id"]
+    assert logged["latency_ms"] == pytest.approx(answered["latency_ms"], abs=1e-3)
+    r.xdel(stream, r.xrange(stream)[-1][0])
     assert set(first["features"]) == set(tiny_platform.registry.get_contract(2).input_columns)
 
     # A copy of the same entries (same ids) in a second stream: a drain that crashed after writing

@@ -1,7 +1,8 @@
-"""The columnar batch path (`ScoringPath.score_columns`) of the fast scorer, on a real trained model:
-the same matrix and probabilities as the row path (`score`) on a realistic batch with nulls, unknown
-categories, zero / negative means and hour boundaries; the row fallback of the reference path; and
-the parity check that turns a wrong columnar step off."""
+"""The fast scorer's compiled path on a real trained model, given rows (`ScoringPath.score`, the HTTP
+API) and columns (`score_columns`, the stream worker): the same matrix and probabilities either
+way, on a realistic batch with nulls, unknown categories, zero / negative means and hour
+boundaries, within tolerance of scikit-learn; the reference path's row fallback; and the parity
+check that turns a wrong column-assembly step off."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import pytest
 
 from ml_platform import features as fr
 from ml_platform.featurestore.definitions import parse_feature_ref
-from ml_platform.serving import fast_scorer
-from ml_platform.serving.fast_scorer import (
+from ml_platform.serving.scorer import (
     EVENT_US,
     PARITY_TOLERANCE,
     build_scoring_path,
-    columnar_model_inputs,
-    compiled_model_inputs,
+    float_column,
+    model_input_columns,
+    request_columns_from_rows,
 )
+from ml_platform.serving.scorer import columns as scorer_columns
 from ml_platform.serving.scoring import LoadedModel, assemble_features
 
 try:  # ml_platform_tests on sys.path (rootdir conftest) or imported as a package
@@ -112,6 +114,7 @@ def _reference(loaded: LoadedModel, rows: list[dict], looked_up: dict[str, list]
 def test_score_columns_equals_the_row_path_exactly(tiny_platform, version):
     loaded = _loaded(tiny_platform, version)
     path = build_scoring_path(loaded)
+    assert (path.features, path.scorer) == ("compiled", "treelite"), path.reasons
     assert (path.features, path.scorer, path.columnar) == ("compiled", "treelite", True)
     assert path.describe()["columnar"] is True
     rows, looked_up, request, columns = _batch(tiny_platform, loaded.contract, seed=version)
@@ -122,11 +125,12 @@ def test_score_columns_equals_the_row_path_exactly(tiny_platform, version):
     np.testing.assert_array_equal(got, want)
     assert np.max(np.abs(got - _reference(loaded, rows, looked_up))) < PARITY_TOLERANCE
 
-    # The model matrix itself is bit-identical to the row path's.
-    numeric, categorical = columnar_model_inputs(loaded.contract, request, columns)
+    # The model matrix itself is bit-identical whether the batch came as rows (datetimes, lists)
+    # or as columns (int µs, float64 arrays).
+    numeric, categorical = model_input_columns(loaded.contract, request, columns)
     matrix = path._layout.encode_columns(numeric, categorical)
-    row_matrix = path._layout.encode(compiled_model_inputs(loaded.contract, rows, looked_up))
-    assert np.array_equal(matrix, row_matrix, equal_nan=True)
+    from_rows = model_input_columns(loaded.contract, *request_columns_from_rows(loaded.contract, rows, looked_up))
+    assert np.array_equal(matrix, path._layout.encode_columns(*from_rows), equal_nan=True)
 
     # ... and holds the values the formulas give.
     assert numeric["hour_of_day"][:4].tolist() == [5.0, 6.0, 23.0, 0.0]
@@ -161,26 +165,29 @@ def test_reference_path_scores_columns_row_by_row(tiny_platform):
     assert np.max(np.abs(got - fast)) < PARITY_TOLERANCE
 
 
-def test_a_wrong_columnar_step_is_caught_and_batches_fall_back_to_rows(tiny_platform, monkeypatch):
+def test_a_wrong_column_assembly_step_is_caught_and_the_reference_features_are_used(tiny_platform, monkeypatch):
     loaded = _loaded(tiny_platform, 2)
-    original = fast_scorer._utc_hours
-    monkeypatch.setattr(fast_scorer, "_utc_hours", lambda event_us: (original(event_us) + 1) % 24)
+    to_us = scorer_columns.to_us
+    # a time-zone bug: event times read one hour late
+    monkeypatch.setattr(scorer_columns, "to_us", lambda ts: to_us(ts) + 3_600_000_000)
 
     path = build_scoring_path(loaded)
-    assert (path.features, path.scorer) == ("compiled", "treelite")  # the row path is fine
+    assert (path.features, path.scorer) == ("reference", "treelite")  # treelite itself is fine
     assert path.columnar is False and path.describe()["columnar"] is False
-    assert "columnar batch path differs" in path.reasons[-1] and "hour_of_day" in path.reasons[-1]
+    assert "compiled request features differ" in path.reasons[-1] and "hour_of_day" in path.reasons[-1]
 
     rows, looked_up, request, columns = _batch(tiny_platform, loaded.contract, seed=3)
-    np.testing.assert_array_equal(
-        path.score_columns(request, columns), path.score(rows, looked_up).probabilities
-    )
+    reference = _reference(loaded, rows, looked_up)
+    assert np.max(np.abs(path.score_columns(request, columns) - reference)) < PARITY_TOLERANCE
+    assert np.max(np.abs(path.score(rows, looked_up).probabilities - reference)) < PARITY_TOLERANCE
 
 
-def test_float_columns_read_values_as_the_row_path_does():
-    values = [None, 1.5, 3, True, "12.5", " 7 ", "abc", float("nan"), [1.0], np.float32(0.1)]
-    got = fast_scorer._float_column(values, len(values))
-    want = np.array([fast_scorer._float(v) for v in values], dtype=np.float64)
-    assert np.array_equal(got, want, equal_nan=True)
+def test_float_columns_read_values_as_pandas_to_numeric_does():
+    values = [None, 1.5, 3, True, "12.5", " 7 ", "abc", float("nan"), [1.0], np.float32(0.5)]
+    got = float_column(values, len(values))
+    want = [math.nan, 1.5, 3.0, 1.0, 12.5, 7.0, math.nan, math.nan, math.nan, 0.5]
+    assert np.array_equal(got, np.array(want), equal_nan=True)
+    assert float_column(["1", "2.5", None], 3).tolist()[:2] == [1.0, 2.5]  # numpy's whole-column path
+    assert math.isnan(float_column(["1", "2.5", None], 3)[2])
     ints = np.array([1, 2, 3], dtype=np.int64)
-    assert fast_scorer._float_column(ints, 3).tolist() == [1.0, 2.0, 3.0]
+    assert float_column(ints, 3).tolist() == [1.0, 2.0, 3.0]

@@ -1,30 +1,30 @@
-"""The models a serving process holds: the champion it serves, and the ones it can swap to at once.
+"""The models an HTTP serving process holds: the champion it serves, and the ones it can swap to
+at once.
 
-Models are loaded once (never per request). A watcher polls the registry's aliases (one cheap
-MLflow call) every `poll_interval_s`; when `champion` moves, the new version is loaded and
-prepared off the request path (in a thread), then swapped in with one reference assignment, so
-requests in flight finish on the model they started with and none is dropped. The version served
-before and the `previous-champion` alias's version stay loaded, so a rollback swaps instantly.
+Following the alias is `champion.ChampionWatcher`'s job (one registry call per poll; a new version
+is loaded off the request path, in a thread, and swapped in with one reference assignment, so
+requests in flight finish on the model they started with; a failed load keeps the old model
+serving and is reported in `last_error`). The holder adds what an API needs on top: a few
+versions kept in memory (the version served before and the `previous-champion` alias's version
+stay loaded, so a rollback swaps instantly), the swap history, and the status /model reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ml_platform.serving.fast_scorer import ScoringPath, build_scoring_path
-from ml_platform.serving.scoring import LoadedModel
+from ml_platform.registry import CHAMPION, PREVIOUS_CHAMPION
+from ml_platform.serving.champion import ChampionChange, ChampionWatcher, load_version
+from ml_platform.serving.scorer import ScoringPath
 
 _log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
 # A version that failed to load is retried after this long, not on every poll.
 LOAD_RETRY_S = 30.0
 
@@ -66,7 +66,7 @@ class SwapEvent:
 class ModelHolder:
     """Holds the served champion and a few loaded versions; `refresh()` follows the alias.
 
-    `registry` is a `ModelRegistry`; `scorer` is passed to `build_scoring_path` ("auto",
+    `registry` is a `ModelRegistry`; `scorer` is passed to `champion.load_version` ("auto",
     "treelite" or "sklearn"); `keep` bounds how many versions stay in memory (>= 2).
     """
 
@@ -77,42 +77,49 @@ class ModelHolder:
     keep: int = 3
     poll_interval_s: float = 1.0
     on_swap: Callable[[SwapEvent], None] | None = None
-    current: ServingModel | None = None
     previous: ServingModel | None = None
     swaps: list[SwapEvent] = field(default_factory=list)
-    last_poll_at: float | None = None
-    last_error: str | None = None
+    preload_error: str | None = None
     _loaded: OrderedDict[int, ServingModel] = field(default_factory=OrderedDict)
-    _failed: dict[int, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _failed_preloads: dict[int, float] = field(default_factory=dict)
+    _was_cached: bool = False
 
-    # ---- registry
+    def __post_init__(self) -> None:
+        self.watcher: ChampionWatcher[ServingModel] = ChampionWatcher(
+            self.registry,
+            alias=self.alias,
+            poll_s=self.poll_interval_s,
+            loader=lambda registry, version: self.load(version),
+            retry_after_s=LOAD_RETRY_S,
+            on_change=self._swapped,
+        )
 
-    def aliases(self) -> dict[str, int]:
-        """alias -> version, in one registry call (the poll)."""
-        from mlflow.exceptions import MlflowException
+    @property
+    def current(self) -> ServingModel | None:
+        """The model serving now (None until the alias is set and its version loaded)."""
+        return self.watcher.current()
 
-        try:
-            model = self.registry.client.get_registered_model(self.registry.model_name)
-        except MlflowException as exc:
-            if (
-                "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", ""))
-                or "not found" in str(exc).lower()
-            ):
-                return {}
-            raise
-        return {alias: int(version) for alias, version in model.aliases.items()}
+    @property
+    def last_error(self) -> str | None:
+        """The last poll's or load's error (e.g. the new champion failed to load: the old serves)."""
+        return self.watcher.last_error
+
+    @property
+    def last_poll_at(self) -> float | None:
+        return self.watcher.last_poll_at
+
+    # ---- loading
 
     def load(self, version: int) -> ServingModel:
         """The version from memory, or loaded from the registry and prepared (parity-checked scorer)."""
         cached = self._loaded.get(version)
         if cached is not None:
             self._loaded.move_to_end(version)
+            self._was_cached = True
             return cached
+        self._was_cached = False
         started = time.perf_counter()
-        model, contract = self.registry.load_model(version)
-        loaded = LoadedModel(version=int(version), model=model, contract=contract, loaded_at=time.time())
-        serving = ServingModel(build_scoring_path(loaded, self.scorer), time.time(), 0.0)
+        serving = ServingModel(load_version(self.registry, version, self.scorer), time.time(), 0.0)
         serving.load_seconds = time.perf_counter() - started
         _log.info("loaded model v%s in %.2f s (%s)", version, serving.load_seconds, serving.scoring.name)
         self._loaded[version] = serving
@@ -136,89 +143,69 @@ class ModelHolder:
         """One poll: if the alias moved, load (unless in memory) and swap. Also preloads the
         previous-champion version so a rollback is instant. Returns the swap, if any. Errors are
         recorded in `last_error` and the current model keeps serving."""
-        with self._lock:  # one refresh at a time (the watcher and an explicit call)
-            noticed = time.perf_counter()
-            try:
-                aliases = self.aliases()
-            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
-                self.last_error = f"registry poll failed: {type(exc).__name__}: {exc}"
-                _log.warning(self.last_error)
-                return None
-            self.last_poll_at = time.time()
-            target = aliases.get(self.alias)
-            event = None
-            if target is not None and (self.current is None or self.current.version != target):
-                event = self._swap_to(target, noticed)
-            elif target is None and self.current is not None and self.last_error is None:
-                _log.warning("alias %r is not set; still serving v%s", self.alias, self.current.version)
-                self.last_error = (
-                    f"alias {self.alias!r} is not set in the registry; serving the last champion"
-                )
-            wanted = aliases.get(self.previous_alias) if self.previous_alias else None
-            if wanted is not None and wanted not in self._loaded and self._may_try(wanted):
-                try:
-                    self.load(wanted)
-                except Exception as exc:  # noqa: BLE001
-                    self._failed[wanted] = time.monotonic()
-                    _log.warning("could not preload %s v%s: %s", self.previous_alias, wanted, exc)
-            return event
+        before = len(self.swaps)
+        self.watcher.check_now()
+        self._preload_previous()
+        return self.swaps[-1] if len(self.swaps) > before else None
 
-    def _may_try(self, version: int) -> bool:
-        failed = self._failed.get(version)
-        return failed is None or time.monotonic() - failed > LOAD_RETRY_S
-
-    def _swap_to(self, version: int, noticed: float) -> SwapEvent | None:
-        preloaded = version in self._loaded
-        if not preloaded and not self._may_try(version):
-            return None
-        try:
-            model = self.load(version)
-        except Exception as exc:  # noqa: BLE001 - keep serving the current model
-            self._failed[version] = time.monotonic()
-            self.last_error = f"could not load {self.alias} v{version}: {type(exc).__name__}: {exc}"
-            _log.error("%s; still serving %s", self.last_error, self.current and f"v{self.current.version}")
-            return None
-        before = self.current
-        self.previous, self.current = before, model  # the swap: readers see one or the other
-        self._failed.pop(version, None)
-        self.last_error = None
+    def _swapped(self, change: ChampionChange) -> None:
+        self.previous = self._loaded.get(change.from_version) if change.from_version is not None else None
         event = SwapEvent(
-            from_version=before.version if before else None,
-            to_version=version,
-            at=time.time(),
-            preloaded=preloaded,
-            swap_seconds=time.perf_counter() - noticed,
+            from_version=change.from_version,
+            to_version=change.to_version,
+            at=change.at,
+            preloaded=self._was_cached,
+            swap_seconds=change.seconds,
         )
         self.swaps.append(event)
         del self.swaps[:-50]
         _log.info(
             "now serving %s v%s (was %s; %s in %.3f s)",
             self.alias,
-            version,
+            event.to_version,
             f"v{event.from_version}" if event.from_version else "none",
-            "already in memory" if preloaded else "loaded",
+            "already in memory" if event.preloaded else "loaded",
             event.swap_seconds,
         )
         if self.on_swap is not None:
             self.on_swap(event)
-        return event
+
+    def _preload_previous(self) -> None:
+        wanted = self.watcher.aliases.get(self.previous_alias) if self.previous_alias else None
+        if wanted is None or wanted in self._loaded:
+            return
+        failed = self._failed_preloads.get(wanted)
+        if failed is not None and time.monotonic() - failed < LOAD_RETRY_S:
+            return
+        try:
+            self.load(wanted)
+            self.preload_error = None
+        except Exception as exc:  # noqa: BLE001 - a rollback target that fails to load is reported
+            self._failed_preloads[wanted] = time.monotonic()
+            self.preload_error = f"could not preload {self.previous_alias} v{wanted}: {type(exc).__name__}: {exc}"
+            _log.warning(self.preload_error)
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set; each poll runs in a thread so requests keep flowing."""
         while not stop.is_set():
-            await asyncio.to_thread(self.refresh)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:  # noqa: BLE001 - e.g. on_swap failed; keep polling
+                _log.exception("polling the %s alias failed", self.alias)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_interval_s)
             except TimeoutError:
                 pass
 
     def status(self) -> dict[str, Any]:
+        current = self.current
         return {
             "alias": self.alias,
-            "serving": self.current.describe() if self.current else None,
+            "serving": current.describe() if current else None,
             "previous_version": self.previous.version if self.previous else None,
             "loaded_versions": self.loaded_versions(),
             "last_poll_at": self.last_poll_at,
             "last_error": self.last_error,
+            "preload_error": self.preload_error,
             "poll_interval_s": self.poll_interval_s,
         }

@@ -18,12 +18,6 @@ from ml_platform import features as fr
 from ml_platform.training.contract import ModelContract
 
 
-def entity_rows(transactions: pd.DataFrame, join_keys: Sequence[str] = ("user_id", "merchant_id")) -> list[dict]:
-    """The entity rows an online lookup needs for these transactions (Feast's `entity_rows`)."""
-    cols = {k: transactions[k].astype("int64").tolist() for k in join_keys}
-    return [dict(zip(cols, values)) for values in zip(*cols.values())]
-
-
 def assemble_features(transactions: pd.DataFrame, looked_up: Mapping[str, Sequence] | pd.DataFrame) -> pd.DataFrame:
     """Transactions (raw request columns) + looked-up feature columns -> the frame with request-time
     features added. `looked_up` is column -> values in the transactions' row order (the online
@@ -61,9 +55,8 @@ class LoadedModel:
 
 
 def load_champion(registry, alias: str = "champion") -> LoadedModel:
-    """Load the model the alias points at (the platform's source of truth for what serves)."""
-    import time
+    """The model the alias points at, as a LoadedModel: `champion.load_registered` (the one
+    loader; kept under this name for its importers)."""
+    from ml_platform.serving.champion import load_registered
 
-    info = registry.get_version(alias)
-    model, contract = registry.load_model(info.version)
-    return LoadedModel(version=int(info.version), model=model, contract=contract, loaded_at=time.time())
+    return load_registered(registry, alias)

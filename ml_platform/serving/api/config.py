@@ -1,0 +1,38 @@
+"""The serving process's knobs (`ServingConfig`): scorer choice, polling, batching, Redis timeouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ml_platform.registry import CHAMPION
+from ml_platform.serving.prediction_log import DEFAULT_MAXLEN
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Knobs of the serving process (defaults fit one uvicorn worker on a small machine)."""
+
+    scorer: str = "auto"  # "auto" (fast path where supported and parity holds), "treelite", "sklearn"
+    alias: str = CHAMPION
+    poll_interval_s: float = 1.0  # how often the registry's aliases are checked
+    max_batch_rows: int = 256  # rows scored together at most (micro-batching)
+    max_request_rows: int = 1000  # rows one /predict/batch call may send
+    redis_socket_timeout_s: float = 0.5  # a hung Redis fails a request after this long ...
+    redis_connect_timeout_s: float = 0.25
+    redis_retries: int = 1  # ... times (1 + retries); redis-py's default takes ~4 s to fail
+    prediction_log: bool = True
+    prediction_log_maxlen: int = DEFAULT_MAXLEN
+    # The app owns its process (run_server sets this): freeze the start-up heap out of the garbage
+    # collector and shorten the GIL switch interval. Off for an app embedded elsewhere (tests).
+    tune_process: bool = False
+
+    def __post_init__(self) -> None:
+        from ml_platform.serving.scorer import SCORERS
+
+        if self.scorer not in SCORERS:
+            raise ValueError(f"ServingConfig.scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.poll_interval_s <= 0 or self.max_batch_rows < 1 or self.max_request_rows < 1:
+            raise ValueError(
+                "ServingConfig: poll_interval_s must be > 0, max_batch_rows and max_request_rows >= 1 "
+                f"(got {self.poll_interval_s}, {self.max_batch_rows}, {self.max_request_rows})"
+            )
