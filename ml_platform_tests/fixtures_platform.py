@@ -102,7 +102,7 @@ class TinyPlatform:
             "merchant_category": "electronics",
             "amount": 123.45,
             "country": "DE",
-            "device": "web",
+            "device": "desktop",
             "channel": "online",
             "event_timestamp": datetime.now(UTC).isoformat(),
         }

@@ -151,10 +151,12 @@ def test_unknown_entity_is_flagged_and_scored_with_null_features(client, tiny_pl
     [
         ({"amount": -5}, "amount", "greater than 0"),
         ({"amount": 0}, "amount", "greater than 0"),
-        ({"country": "DEU"}, "country", "pattern"),
+        ({"country": "DEU"}, "country", "at most 2 characters"),
+        ({"country": "de"}, "country", "matching [A-Z]{2}"),
+        ({"device": "fax"}, "device", "one of ['ios'"),
         ({"user_id": "abc"}, "user_id", "integer"),
         ({"user_id": 2**64}, "user_id", "less than or equal"),
-        ({"event_timestamp": "yesterday"}, "event_timestamp", "datetime"),
+        ({"event_timestamp": "yesterday"}, "event_timestamp", "ISO-8601"),
         ({"ammount": 5}, "ammount", "Extra inputs"),
         ({"transaction_id": ""}, "transaction_id", "at least 1"),
     ],
@@ -189,8 +191,8 @@ def test_malformed_json_is_a_422_naming_the_body(client):
     assert resp.status_code == 422 and [e["field"] for e in resp.json()["errors"]] == ["body"]
 
 
-def test_defaults_lowercase_country_and_openapi_example(client, tiny_platform):
-    body = tiny_platform.transaction(country="de")
+def test_defaults_and_openapi_example(client, tiny_platform):
+    body = tiny_platform.transaction(country="DE")
     del body["event_timestamp"]  # default: now
     p = client.post("/predict?include_features=true", json=body).json()
     assert p["features"]["country"] == "DE"

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from ml_platform.transactions.contract import (
-    TRANSACTION,
     EventContract,
     FieldSpec,
     IntegerField,
@@ -60,21 +59,3 @@ def pydantic_model(contract: EventContract, name: str, doc: str, example: dict |
     fields = {spec.name: _annotation(spec) for spec in contract.fields}
     model = create_model(name, __config__=config, __doc__=doc, **fields)  # type: ignore[call-overload]
     return model
-
-
-EXAMPLE_TRANSACTION = {
-    "transaction_id": "t-0001",
-    "user_id": 42,
-    "merchant_id": 7,
-    "merchant_category": "electronics",
-    "amount": 129.99,
-    "country": "US",
-    "device": "ios",
-    "channel": "online",
-    "event_timestamp": "2024-01-31T12:00:00+00:00",
-}
-
-Transaction = pydantic_model(
-    TRANSACTION, "Transaction", "One card transaction to score (the raw event's columns; no label).",
-    EXAMPLE_TRANSACTION,
-)

@@ -1,18 +1,18 @@
 """The HTTP API's request and response bodies (pydantic): what a caller sends and gets back.
 
-`Transaction` is the request contract of one transaction. Its field limits are the API's own for
-now; they are to be derived from the platform's single transaction contract
-(`ml_platform/transactions.py`) so the API, the validation gate and the stream accept the same data.
+`Transaction` is derived from the platform's one transaction contract (`ml_platform.transactions`):
+the API, the validation gate and the stream accept exactly the same transactions.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-INT64_MAX = 2**63 - 1
+from ml_platform.transactions import INT64_MAX, TRANSACTION  # noqa: F401  (INT64_MAX: re-exported)
+from ml_platform.transactions.request_model import pydantic_model
+
 EXAMPLE_TRANSACTION = {
     "transaction_id": "txn-000123",
     "user_id": 42,
@@ -40,36 +40,11 @@ BATCH_EXAMPLES = {
 
 # --------------------------------------------------------------------------- the transaction contract
 
-
-class Transaction(BaseModel):
-    """One card transaction to score (the raw event's columns; no label)."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_TRANSACTION]})
-
-    transaction_id: str = Field(
-        min_length=1, max_length=128, description="Caller's unique id of the transaction"
-    )
-    user_id: int = Field(ge=0, le=INT64_MAX, description="Card holder id (the user entity)")
-    merchant_id: int = Field(ge=0, le=INT64_MAX, description="Merchant id (the merchant entity)")
-    merchant_category: str = Field(min_length=1, max_length=64, examples=["electronics"])
-    amount: float = Field(gt=0, le=1e9, allow_inf_nan=False, description="Amount, > 0")
-    country: str = Field(pattern=r"^[A-Za-z]{2}$", description="ISO-3166 alpha-2 country of the merchant")
-    device: str = Field(min_length=1, max_length=64, examples=["ios"])
-    channel: str = Field(min_length=1, max_length=64, examples=["online"])
-    event_timestamp: datetime = Field(
-        default_factory=lambda: datetime.now(UTC),
-        description="When the transaction happened (ISO 8601; naive = UTC; default: now)",
-    )
-
-    @field_validator("country")
-    @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
-
-    @field_validator("event_timestamp")
-    @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+# Derived from the platform's one transaction contract (`ml_platform.transactions`), so the API,
+# the validation gate and the stream worker accept the same data (test_transaction_contract).
+Transaction = pydantic_model(
+    TRANSACTION, "Transaction", "One card transaction to score (the raw event's columns; no label).", EXAMPLE_TRANSACTION
+)
 
 
 # --------------------------------------------------------------------------- requests and answers
