@@ -13,6 +13,11 @@ category is a fact about the world (drift, a new merchant type), not broken data
 treats unknown categories as such and drift monitoring reports it. Such findings go to
 `report.warnings` and leave `report.ok` True. The category itself must still be a non-empty
 lowercase identifier (an error otherwise).
+
+Why ~500 lines in one module: the schemas and the report share the check registry (row rules,
+the clock of record) that turns pandera's failure cases into findings; splitting them would make
+that state cross a module boundary. A candidate split, once a second report consumer appears:
+`validation/schemas.py` and `validation/report.py`.
 """
 
 from __future__ import annotations
