@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ml_platform.featurestore.definitions import (
+    FEATURE_LOOKUP_OFFSET,
     Aggregation,
     Entity,
     FeatureView,
@@ -55,11 +56,8 @@ users_source = FileSource(
     name="users",
 )
 
-# Features of an event are looked up as of *just before* it: the state the serving path sees
-# when a new transaction arrives (online store = aggregates up to the entity's previous event).
-# Training, batch scoring, the HTTP API and the stream worker all use this same rule, so the
-# transaction being scored is never inside its own aggregates anywhere.
-FEATURE_LOOKUP_OFFSET = timedelta(microseconds=1)
+# FEATURE_LOOKUP_OFFSET (defined with the store's definitions): features of an event are looked up
+# as of just before it, so the transaction being scored is never inside its own aggregates.
 
 
 def feature_lookup_time(event_timestamp):

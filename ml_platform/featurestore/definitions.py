@@ -17,6 +17,12 @@ from enum import Enum
 
 from ml_platform.timestamps import US_PER_SECOND, span_us
 
+# Features of an event are looked up as of *just before* it: the state the serving path holds when
+# the event arrives (aggregates up to the entity's previous event). The offline training set, batch
+# scoring, the online read and the stream's incremental state all use this one offset (re-exported
+# by ml_platform.features, where the platform's own feature rules are read).
+FEATURE_LOOKUP_OFFSET = timedelta(microseconds=1)
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

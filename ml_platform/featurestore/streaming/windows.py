@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ml_platform.features import FEATURE_LOOKUP_OFFSET
+from ml_platform.featurestore.definitions import FEATURE_LOOKUP_OFFSET
 from ml_platform.featurestore.online import EVENT_TIMESTAMP
 from ml_platform.featurestore.streaming.buffer import NULL_KEY, unpack_records
 from ml_platform.featurestore.streaming.events import EventColumns
