@@ -81,6 +81,7 @@ _POS, _CONTACTLESS, _ONLINE = 0, 1, 2
 FRAUD_PATTERNS = ("account_takeover", "card_testing")
 _DAY_S = 86400.0
 _MAX_AMOUNT = 50_000.0
+MAX_CHARGEBACK_DELAY_DAYS = 30  # a fraud is disputed 1 to this many days after the event
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class DriftScenario:
     amount_scale: float = 1.5
     new_categories: tuple[str, ...] = ("crypto_exchange", "digital_wallet")
     new_category_share: float = 0.08  # share of legit transactions going to the new categories
-    fraud_pattern: str = "card_testing"  # the fraud pattern that dominates after the drift
+    fraud_pattern: str | None = "card_testing"  # the fraud pattern that dominates after the drift (None: unchanged)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start_date", parse_date(self.start_date, "DriftScenario.start_date"))
@@ -102,7 +103,7 @@ class DriftScenario:
             raise ValueError(
                 f"DriftScenario.new_category_share must be in [0, 1), got {self.new_category_share}"
             )
-        if self.fraud_pattern not in FRAUD_PATTERNS:
+        if self.fraud_pattern is not None and self.fraud_pattern not in FRAUD_PATTERNS:
             raise ValueError(
                 f"DriftScenario.fraud_pattern {self.fraud_pattern!r} is not one of {FRAUD_PATTERNS}"
             )
@@ -216,7 +217,7 @@ def _day_plan(config: GeneratorConfig, day: date) -> tuple[float, float, float, 
     legit = config.n_users * config.txns_per_user_per_day * weekend
     fraud_rows = legit * config.fraud_rate / (1.0 - config.fraud_rate)
     ato_share = 0.7
-    if config.drifted(day):
+    if config.drifted(day) and config.drift.fraud_pattern is not None:
         ato_share = 0.2 if config.drift.fraud_pattern == "card_testing" else 0.9
     ato_episodes = fraud_rows * ato_share / _ATO_MEAN_LEN
     testing_episodes = fraud_rows * (1 - ato_share) / _TESTING_MEAN_LEN
@@ -423,7 +424,7 @@ def _chunk_frame(config: GeneratorConfig, day: date, chunk: int, n_chunks: int) 
     fraud = cols["fraud"]
     chargeback = fraud & (rng.random(n) >= 0.04)  # some fraud is never disputed
     chargeback |= ~fraud & (rng.random(n) < 0.0003)  # friendly fraud: a legit purchase disputed
-    delay_days = np.clip(rng.lognormal(math.log(8.0), 0.6, n), 1.0, 30.0)
+    delay_days = np.clip(rng.lognormal(math.log(8.0), 0.6, n), 1.0, float(MAX_CHARGEBACK_DELAY_DAYS))
     label_us = np.where(
         chargeback,
         event_us + (delay_days * _DAY_S * 1e6).astype("int64"),

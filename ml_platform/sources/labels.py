@@ -1,0 +1,181 @@
+"""The label feed: labels arrive later than the events and separately from them.
+
+In production a fraud label is a chargeback 1-30 days after the transaction, and a legit label is
+"no dispute once the maturity period has passed". The feed is its own daily partition, keyed by
+the day the labels *arrived*: raw/labels/date=YYYY-MM-DD/labels.parquet with the label event
+contract's columns (transaction_id, merchant_id, is_fraud, label_timestamp, and user_id when
+known). Monitoring joins it to the prediction log by transaction id; a label for a transaction
+that was never predicted is counted, not dropped silently.
+
+Two sources write it: the synthetic generator (`synthetic_label_arrivals`: the day's arrivals,
+recomputed from the generator's events of the days they can belong to, since each generated day
+is a pure function of (config, date)), and the user's own files (`import_label_files`: Parquet
+or CSV with the contract's columns, split by the day each label arrived).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ml_platform import features as fr
+from ml_platform.sources.files import EventsFormatError, _event_files, _read_file, _to_int, _to_label, _to_utc
+from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA, parse_date
+from ml_platform.transactions import LABEL_EVENT, LABEL_EVENT_OPTIONAL
+
+# The feed's columns: the label event contract's fields, then its optional ones; typed as the raw table.
+LABEL_COLUMNS: tuple[str, ...] = tuple(f.name for f in (*LABEL_EVENT.fields, *LABEL_EVENT_OPTIONAL))
+LABELS_ARROW_SCHEMA = pa.schema([TRANSACTIONS_ARROW_SCHEMA.field(name) for name in LABEL_COLUMNS])
+_REQUIRED = tuple(f.name for f in LABEL_EVENT.fields)
+_INTEGER = tuple(
+    name for name in LABEL_COLUMNS if pa.types.is_integer(LABELS_ARROW_SCHEMA.field(name).type) and name != fr.LABEL
+)
+
+
+def labels_partition(raw_dir: str | Path, day: date) -> Path:
+    """raw_dir/labels/date=YYYY-MM-DD: the labels that arrived that day."""
+    return Path(raw_dir) / "labels" / f"date={day.isoformat()}"
+
+
+def empty_labels() -> pd.DataFrame:
+    return LABELS_ARROW_SCHEMA.empty_table().to_pandas()
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def synthetic_label_arrivals(config, day: date | str, first_event_day: date | str | None = None) -> pd.DataFrame:
+    """The labels the synthetic world delivers on `day`: every generated transaction whose label
+    arrives within that UTC day, from events of the days a label can come from (the longest
+    chargeback delay or the legit maturity period back). `first_event_day`: events before it do not
+    exist in this deployment (their labels are not delivered)."""
+    from ml_platform.sources.generator import MAX_CHARGEBACK_DELAY_DAYS, generate_day
+
+    day = parse_date(day, "day")
+    lookback = max(MAX_CHARGEBACK_DELAY_DAYS, config.label_maturity_days) + 1
+    first = day - timedelta(days=lookback)
+    if first_event_day is not None:
+        first = max(first, parse_date(first_event_day, "first_event_day"))
+    # Every label known: the arrival time decides which day delivers it, not the config's as_of.
+    omniscient = dataclasses.replace(config, as_of=datetime(2200, 1, 1, tzinfo=UTC))
+    lo = pd.Timestamp(day, tz="UTC")
+    hi = lo + pd.Timedelta(days=1)
+    frames = []
+    for i in range((day - first).days + 1):
+        events = generate_day(omniscient, first + timedelta(days=i))
+        arrived = events[(events[fr.LABEL_TS] >= lo) & (events[fr.LABEL_TS] < hi)]
+        if len(arrived):
+            frames.append(arrived[list(LABEL_COLUMNS)])
+    if not frames:
+        return empty_labels()
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values([fr.LABEL_TS, "transaction_id"], kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def coerce_labels(frame: pd.DataFrame, source: str = "labels") -> pd.DataFrame:
+    """`frame` as the feed's columns and types; EventsFormatError names the column and examples."""
+    missing = [c for c in _REQUIRED if c not in frame.columns]
+    if missing:
+        raise EventsFormatError(
+            f"{source}: missing required label column(s) {missing}; found {list(frame.columns)}. "
+            f"A label file needs {list(_REQUIRED)} (optional: {[f.name for f in LABEL_EVENT_OPTIONAL]})"
+        )
+    frame = frame.reset_index(drop=True)
+    out = pd.DataFrame(index=frame.index)
+    ids = frame["transaction_id"]
+    out["transaction_id"] = ids.astype("str").where(ids.notna()).astype("str")
+    for column in _INTEGER:
+        if column in frame.columns:
+            out[column] = _to_int(frame[column], column, source).astype("Int64")
+        else:
+            out[column] = pd.array([pd.NA] * len(frame), dtype="Int64")
+    out[fr.LABEL] = _to_label(frame[fr.LABEL], fr.LABEL, source)
+    out[fr.LABEL_TS] = _to_utc(frame[fr.LABEL_TS], fr.LABEL_TS, source)
+    for column, what in (("transaction_id", "a transaction id"), (fr.LABEL, "a label"), (fr.LABEL_TS, "a time")):
+        empty = out[column].isna()
+        if empty.any():
+            rows = [int(i) for i in out.index[empty][:3]]
+            raise EventsFormatError(f"{source}: {int(empty.sum())} label row(s) have no {column} ({what}), e.g. rows {rows}")
+    return out[list(LABEL_COLUMNS)]
+
+
+def load_label_files(path: str | Path) -> pd.DataFrame:
+    """A Parquet/CSV file, or every such file under a directory, as feed-typed labels."""
+    frames = [coerce_labels(_read_file(f), source=str(f)) for f in _event_files(Path(path))]
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def import_label_files(path: str | Path, raw_dir: str | Path, days: Iterable[date] | None = None) -> list[Path]:
+    """Write the labels under `path` into the feed, one partition per arrival day (only `days`, if
+    given: a day with no label in the files is written empty, so the feed says "none arrived")."""
+    labels = load_label_files(path)
+    by_day = {d: part for d, part in labels.groupby(labels[fr.LABEL_TS].dt.date, sort=True)}
+    wanted = sorted(set(days)) if days is not None else sorted(by_day)
+    return [write_labels(by_day.get(d, empty_labels()), raw_dir, d) for d in wanted]
+
+
+# --------------------------------------------------------------------------- writing / reading
+
+
+def write_labels(frame: pd.DataFrame, raw_dir: str | Path, day: date | str) -> Path:
+    """Replace the feed partition of `day` with `frame` (temp file, then rename); an empty frame
+    writes an empty partition ("no label arrived that day", distinct from "not ingested yet")."""
+    day = parse_date(day, "day")
+    outside = frame[fr.LABEL_TS].notna() & (frame[fr.LABEL_TS].dt.date != day)
+    if outside.any():
+        example = frame.loc[outside, fr.LABEL_TS].iloc[0]
+        raise ValueError(f"labels for {day}: {int(outside.sum())} label(s) arrived on another day, e.g. {example}")
+    path = labels_partition(raw_dir, day) / "labels.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Timestamps in the schema's unit first: pyarrow's own conversion of other units warns in pandas 3.
+    frame = frame[list(LABEL_COLUMNS)].astype({fr.LABEL_TS: "datetime64[us, UTC]"})
+    table = pa.Table.from_pandas(frame, schema=LABELS_ARROW_SCHEMA, preserve_index=False)
+    tmp = path.with_name(f".labels-{uuid.uuid4().hex}.parquet.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def label_days(raw_dir: str | Path) -> list[date]:
+    """The arrival days the feed holds (ingested, possibly empty)."""
+    root = Path(raw_dir) / "labels"
+    return sorted(
+        date.fromisoformat(d.name.split("=", 1)[1]) for d in root.glob("date=*") if (d / "labels.parquet").exists()
+    )
+
+
+def read_labels(raw_dir: str | Path, *, until: date | str | None = None, since: date | str | None = None) -> pd.DataFrame:
+    """Every label that arrived on the feed's days in [since, until] (both included; None: open),
+    one row per transaction: when a transaction was labelled twice (a legit label, then a late
+    chargeback), the latest arrival wins."""
+    days = label_days(raw_dir)
+    if until is not None:
+        days = [d for d in days if d <= parse_date(until, "until")]
+    if since is not None:
+        days = [d for d in days if d >= parse_date(since, "since")]
+    if not days:
+        return empty_labels()
+    files = ", ".join("'" + str(labels_partition(raw_dir, d) / "labels.parquet").replace("'", "''") + "'" for d in days)
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        table = con.sql(
+            f"SELECT {', '.join(LABEL_COLUMNS)} FROM read_parquet([{files}]) "
+            f"QUALIFY row_number() OVER (PARTITION BY transaction_id ORDER BY {fr.LABEL_TS} DESC) = 1 "
+            f"ORDER BY {fr.LABEL_TS}, transaction_id"
+        ).to_arrow_table()
+    return table.cast(LABELS_ARROW_SCHEMA).to_pandas()
