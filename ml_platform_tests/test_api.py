@@ -11,14 +11,15 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from ml_platform import features as fr
 from ml_platform.registry import CHAMPION
 from ml_platform.serving.api import ServingConfig, create_app
 from ml_platform.serving.api.testing import InProcessClient
-from ml_platform.serving.prediction_log import ENTRY_FIELD, drain_prediction_log, prediction_stream_key
+from ml_platform.serving.prediction_log import ENTRY_FIELD, FEATURE_PREFIX, prediction_stream_key
+from ml_platform.serving.prediction_log_drain import drain_prediction_log
+from ml_platform.serving.prediction_log_reader import read_prediction_log
 from ml_platform.serving.scoring import assemble_features
 
 try:  # ml_platform_tests on sys.path (rootdir conftest) or imported as a package
@@ -367,18 +368,19 @@ def test_every_prediction_is_logged_and_drained_to_parquet_exactly_once(client, 
     out_dir = tmp_path / "predictions_log"
     result = drain_prediction_log(r, stream, out_dir)
     assert result["rows"] == 7 and r.xlen(stream) == 0
-    table = pq.read_table(out_dir).to_pandas()
-    assert sorted(table["prediction_id"]) == sorted(ids)
+    assert all("/source=api/date=" in f for f in result["files"])
+    table = read_prediction_log(out_dir)
+    assert sorted(table["prediction_id"]) == sorted(ids) and set(table["source"]) == {"api"}
     assert set(table["transaction_id"]) == {f"log-{i}" for i in range(7)}
     row = table.set_index("prediction_id").loc[ids[0]]
     assert row["model_version"] == 2 and row["decision"] in ("fraud", "legit") and row["amount"] == 10.0
-    assert (
-        json.loads(row["features"])["amount"] == 10.0 and json.loads(row["flags"])["unknown_entity"] is False
-    )
+    assert row["feature.amount"] == 10.0 and json.loads(row["flags"])["unknown_entity"] is False
+    logged_inputs = {c.removeprefix(FEATURE_PREFIX) for c in table.columns if c.startswith(FEATURE_PREFIX)}
+    assert logged_inputs == set(tiny_platform.registry.get_contract(2).input_columns)  # the model's inputs, typed
     assert str(table["predicted_at"].dtype) == "datetime64[us, UTC]"
 
     again = drain_prediction_log(r, replay, out_dir)
     assert again["rows"] == 0 and again["skipped"] == 7 and r.xlen(replay) == 0  # nothing written twice
-    assert len(pq.read_table(out_dir)) == 7
+    assert len(read_prediction_log(out_dir)) == 7
     assert drain_prediction_log(r, stream, out_dir)["rows"] == 0  # idempotent
     r.delete(replay)

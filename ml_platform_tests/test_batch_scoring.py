@@ -12,6 +12,7 @@ from datetime import date
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from threadpoolctl import threadpool_limits
 
@@ -160,9 +161,14 @@ def test_rescoring_a_day_replaces_it_and_leaves_other_days(tiny_platform, champi
 
 def test_a_crash_midway_leaves_the_previous_rows_of_the_day(tiny_platform, champion, days, tmp_path):
     db = tmp_path / "p.duckdb"
-    score_partition(tiny_platform.store, champion, days[0], db)
+    first = score_partition(tiny_platform.store, champion, days[0], db)
     previous = by_id(read_predictions(db, days[0]))
     previous_runs = read_scored_days(db)
+    # the day's prediction log file (next to the database by default)
+    log_file = tmp_path / "predictions_log" / "source=batch" / f"date={days[0]}" / "predictions.parquet"
+    assert first["log_path"] == str(log_file)
+    previous_log = pq.read_table(log_file)
+    assert previous_log.num_rows == len(previous) and set(previous_log.column("model_version").to_pylist()) == {2}
 
     crashing = CrashingModel(version=7, model=champion.model, contract=champion.contract, crash_on_call=2)
     with pytest.raises(RuntimeError, match="simulated crash while scoring chunk 2"):
@@ -173,6 +179,8 @@ def test_a_crash_midway_leaves_the_previous_rows_of_the_day(tiny_platform, champ
     assert (read_predictions(db)["model_version"] != 7).all()  # no partial new rows anywhere
     pd.testing.assert_frame_equal(read_scored_days(db), previous_runs)
     assert not list((tmp_path / ".p.duckdb.staging").iterdir())
+    assert pq.read_table(log_file).equals(previous_log)  # the log file too: untouched
+    assert [p.name for p in log_file.parent.iterdir()] == ["predictions.parquet"]  # its temp file removed
 
     # A first-ever run that crashes publishes nothing either.
     fresh = tmp_path / "fresh.duckdb"

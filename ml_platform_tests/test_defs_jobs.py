@@ -18,6 +18,7 @@ from ml_platform.defs.pipeline import RANGE_END_TAG, RANGE_START_TAG, build_defi
 from ml_platform.defs.resources import default_resources
 from ml_platform.serving.batch import read_predictions, read_scored_days
 from ml_platform.serving.prediction_log import ENTRY_FIELD, prediction_entry, prediction_stream_key
+from ml_platform.serving.prediction_log_reader import read_prediction_log
 from ml_platform.sources.raw_events import read_days
 
 try:
@@ -176,9 +177,7 @@ def _fill_prediction_log(platform, n: int) -> list[str]:
 
 
 def _logged_ids(platform) -> list[str]:
-    root = platform.settings.predictions_log_dir
-    files = sorted(root.glob("date=*/*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files])["prediction_id"].tolist() if files else []
+    return read_prediction_log(platform.settings.predictions_log_dir, sources=["api"])["prediction_id"].tolist()
 
 
 def test_prediction_log_asset_and_drain_schedule_move_the_stream_to_parquet(tiny_platform, instance):
@@ -206,6 +205,6 @@ def test_prediction_log_asset_and_drain_schedule_move_the_stream_to_parquet(tiny
     assert _materialized(result)["prediction_log"]["rows"] == 12
     assert _logged_ids(tiny_platform) == first + second  # appended, no duplicates
     assert tiny_platform.redis.xlen(stream) == 0
-    logged = pd.concat(pd.read_parquet(f) for f in tiny_platform.settings.predictions_log_dir.glob("date=*/*.parquet"))
+    logged = read_prediction_log(tiny_platform.settings.predictions_log_dir, sources=["api"])
     assert set(logged["transaction_id"]) == set(tiny_platform.events.tail(30)["transaction_id"])
     assert logged[fr.EVENT_TS].notna().all()

@@ -5,7 +5,7 @@ features:  one offline table per aggregated feature view (DuckDB SQL compiled fr
 training:  training_set (gated by a blocking pandera check) -> trained_model -> model_evaluation
            -> registered_model (MLflow version, `challenger`, promoted to `champion` if better)
 serving:   online_features (Redis, with the online/offline skew check), batch_predictions (daily),
-           prediction_log (the API's log drained to Parquet)
+           prediction_log (the API's log and the stream worker's outputs drained to Parquet; batch writes its own days)
 
 Each body is a few lines over the domain library; metadata makes every step inspectable in the UI.
 Why one module of ~400 lines: the graph reads top to bottom in one place (each asset's upstream
@@ -363,11 +363,14 @@ def online_offline_skew(feature_store: FeatureStoreResource) -> dg.AssetCheckRes
     backfill_policy=ONE_RUN_PER_RANGE,
     deps=[source_asset(fr.transactions_source), "registered_model", *view_assets(fr.FEATURE_VIEWS)],
     description="Every transaction of the day scored by the champion into the DuckDB `predictions` table "
-    "(data/predictions.duckdb); each day is swapped in atomically (a range: day by day, in one run).",
+    "(data/predictions.duckdb); each day is swapped in atomically (a range: day by day, in one run), and "
+    "written to the prediction log (data/predictions_log/source=batch/date=YYYY-MM-DD/, replaced on re-scoring).",
 )
 def batch_predictions(
     context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource
 ) -> dg.MaterializeResult:
+    from pathlib import Path
+
     from ml_platform.serving.batch import score_partition
     from ml_platform.serving.scoring import load_champion
 
@@ -375,7 +378,9 @@ def batch_predictions(
     store = feature_store.store()
     days = []
     for day in sorted(context.partition_keys):
-        out = score_partition(store, model, day, feature_store.predictions_db)
+        out = score_partition(
+            store, model, day, feature_store.predictions_db, log_dir=feature_store.predictions_log_dir
+        )
         context.log.info(f"scored {day}: {out['rows']} rows, {out['positives_flagged']} flagged")
         days.append(out)
     return dg.MaterializeResult(
@@ -386,6 +391,10 @@ def batch_predictions(
             "decision_threshold": float(model.contract.decision_threshold),
             "table": days[0]["table"],
             "duckdb_path": dg.MetadataValue.path(days[0]["duckdb_path"]),
+            # the day's log file (a range: the batch folder of the log; each day's file is in "days")
+            "log_path": dg.MetadataValue.path(
+                days[0]["log_path"] if len(days) == 1 else str(Path(days[0]["log_path"]).parent.parent)
+            ),
             "days": dg.MetadataValue.json(
                 {d["day"]: {k: v for k, v in d.items() if k not in ("day", "table", "duckdb_path")} for d in days}
             ),
@@ -396,22 +405,31 @@ def batch_predictions(
 @dg.asset(
     group_name="serving",
     kinds={"redis", "parquet"},
-    description="The API's append-only prediction log (a Redis stream) drained into Parquet under "
-    "data/predictions_log/date=YYYY-MM-DD/ for monitoring and label joins; trims only what is on disk.",
+    description="The prediction log for monitoring and label joins: the API's log stream (trimmed once on "
+    "disk) and the stream worker's output stream (read by its own consumer group `prediction-log`, never "
+    "trimmed) drained into data/predictions_log/source=<api|stream>/date=YYYY-MM-DD/ (batch scoring writes "
+    "source=batch/). Read it with prediction_log_reader.read_prediction_log.",
 )
 def prediction_log(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
-    from ml_platform.serving.prediction_log import drain_prediction_log, prediction_stream_key
+    from ml_platform.serving.prediction_log import prediction_stream_key
+    from ml_platform.serving.prediction_log_drain import drain_prediction_log, drain_stream_predictions
+    from ml_platform.serving.stream.streams import stream_names
 
-    out = drain_prediction_log(
-        feature_store.redis_client(),
-        prediction_stream_key(feature_store.project),
-        feature_store.predictions_log_dir,
-    )
-    files = out.pop("files")
+    client = feature_store.redis_client()
+    log_dir = feature_store.predictions_log_dir
+    drained = {
+        "api": drain_prediction_log(client, prediction_stream_key(feature_store.project), log_dir),
+        "stream": drain_stream_predictions(client, stream_names(feature_store.project).output, log_dir),
+    }
+    per_source = {
+        source: {**{k: v for k, v in out.items() if k != "files" and v is not None}, "files": len(out["files"])}
+        for source, out in drained.items()
+    }
     return dg.MaterializeResult(
         metadata={
-            **{k: v for k, v in out.items() if v is not None},
-            "files": len(files),
-            "path": dg.MetadataValue.path(str(feature_store.predictions_log_dir)),
+            "rows": sum(out["rows"] for out in drained.values()),
+            "files": sum(len(out["files"]) for out in drained.values()),
+            **{source: dg.MetadataValue.json(summary) for source, summary in per_source.items()},
+            "path": dg.MetadataValue.path(str(log_dir)),
         }
     )

@@ -17,6 +17,12 @@ How a day is scored (memory bounded, whatever the day's size):
    staged ones. A failure anywhere before the commit leaves the previous rows of the day intact;
    re-scoring a day replaces it (`predictions_db.swap_partition`).
 
+5. The prediction log: each chunk's rows (with the model inputs as typed columns, latency = the
+   chunk's scoring time per row) go to `<log dir>/source=batch/date=D/predictions.parquet`, one
+   file per day built and written in a background thread while the next chunk scores, renamed
+   into place after the swap committed: re-scoring a day replaces its file
+   (`prediction_log.DayFileWriter`, `prediction_log.batch_log_rows`).
+
 The published tables, the swap and the readers are in `serving.predictions_db` (re-exported here).
 """
 
@@ -43,6 +49,13 @@ import pyarrow.parquet as pq
 from ml_platform import features as fr
 from ml_platform.featurestore import offline
 from ml_platform.featurestore.definitions import parse_feature_ref
+from ml_platform.serving.prediction_log import (
+    BATCH_FILE,
+    DayFileWriter,
+    batch_log_rows,
+    batch_log_schema,
+    day_dir,
+)
 from ml_platform.serving.predictions_db import (  # re-exported: the published table's API
     PARTITION_COLUMNS,
     PARTITIONS_TABLE,
@@ -58,6 +71,7 @@ from ml_platform.serving.predictions_db import (  # re-exported: the published t
     swap_partition,
 )
 from ml_platform.serving.scoring import LoadedModel, assemble_features
+from ml_platform.settings import Settings
 from ml_platform.timestamps import to_us
 
 __all__ = [
@@ -96,15 +110,17 @@ def score_partition(
     *,
     memory_limit: str | None = None,
     lock_timeout_s: float = 120.0,
+    log_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score every transaction of `day` with `loaded_model` and replace that day's rows of the
-    predictions table in `duckdb_path` in one transaction.
+    predictions table in `duckdb_path` in one transaction, and the day's file of the prediction
+    log under `log_dir` (default: `predictions_log` next to the database, the Settings layout).
 
     Returns metadata-ready values: rows, seconds, rows_per_s, peak_rss_mb (this process's peak
     resident memory during the call), table, positives_flagged, model_version, day, duckdb_path,
-    and per-phase seconds (load_s, features_s, score_s, swap_s). `memory_limit` bounds DuckDB
-    (default: the store's duckdb_memory_limit, else 2GB); `chunk_rows` bounds the rows scored at
-    once. Raises FileNotFoundError if the day has no raw partition.
+    log_path, and per-phase seconds (load_s, features_s, score_s, swap_s). `memory_limit` bounds
+    DuckDB (default: the store's duckdb_memory_limit, else 2GB); `chunk_rows` bounds the rows
+    scored at once. Raises FileNotFoundError if the day has no raw partition.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -120,6 +136,9 @@ def score_partition(
     _remove_stale_staging(staging_dir)
     staging = staging_dir / f"{day.isoformat()}-{uuid.uuid4().hex[:12]}.duckdb"
     timings: dict[str, float] = {}
+    if log_dir is None:
+        log_dir = Settings.model_construct(data_dir=duckdb_path.parent).predictions_log_dir
+    log = DayFileWriter(day_dir(log_dir, "batch", day) / BATCH_FILE, batch_log_schema(contract))
     try:
         with contextlib.closing(_staging_connection(store, staging, memory_limit)) as con:
             t = time.perf_counter()
@@ -132,7 +151,9 @@ def score_partition(
             con.execute(f"CREATE TABLE {PREDICTIONS_TABLE} ({columns_sql(PREDICTION_COLUMNS)})")
             flagged = 0
             for events, looked_up in _chunks(con, looked_up_tables, rows, chunk_rows):
-                predictions = _score_chunk(loaded_model, events, looked_up, day, scored_at)
+                predictions, frame, latency_ms = _score_chunk(loaded_model, events, looked_up, day, scored_at)
+                # the chunk's log rows are built and written in the writer's thread while the next chunk scores
+                log.write_built(batch_log_rows, loaded_model, predictions, events, frame, scored_at, latency_ms)
                 flagged += int(pc.sum(predictions.column("decision")).as_py() or 0)
                 con.register("chunk_predictions", predictions)
                 con.execute(f"INSERT INTO {PREDICTIONS_TABLE} SELECT * FROM chunk_predictions")
@@ -151,8 +172,10 @@ def score_partition(
             "seconds": round(seconds_before_swap, 3),
         }
         swap_partition(duckdb_path, staging, record, lock_timeout_s)
+        log_path = log.commit()  # after the commit: the log never shows rows that were not published
         timings["swap_s"] = time.perf_counter() - t
     finally:
+        log.discard()  # (after a commit: nothing left to discard)
         for leftover in (staging, staging.with_name(staging.name + ".wal")):
             leftover.unlink(missing_ok=True)
         shutil.rmtree(staging_dir / f"{staging.stem}.tmp", ignore_errors=True)
@@ -165,6 +188,7 @@ def score_partition(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "table": PREDICTIONS_TABLE,
         "duckdb_path": str(duckdb_path),
+        "log_path": str(log_path),
         "positives_flagged": flagged,
         "model_version": int(loaded_model.version),
         "decision_threshold": float(contract.decision_threshold),
@@ -325,27 +349,31 @@ def _chunks(con, feature_tables, rows: int, chunk_rows: int) -> Iterator[tuple[p
 
 def _score_chunk(
     loaded_model: LoadedModel, events: pd.DataFrame, looked_up: pd.DataFrame, day: date, scored_at: datetime
-) -> pa.Table:
+) -> tuple[pa.Table, pd.DataFrame, float]:
+    """A chunk's rows of the predictions table, the frame it was scored from (assemble_features'),
+    and its scoring time per row in ms (request features + model: the log's `latency_ms`)."""
+    started = time.perf_counter()
     frame = assemble_features(events, looked_up)
     scores = np.asarray(loaded_model.predict_proba(frame), dtype=np.float64)
     if len(scores) != len(events):
         raise RuntimeError(
             f"model v{loaded_model.version} returned {len(scores)} scores for {len(events)} rows"
         )
+    latency_ms = (time.perf_counter() - started) * 1000.0 / max(len(events), 1)
     n = len(events)
-    return pa.table(
+    decisions = np.asarray(loaded_model.decide(scores), dtype=bool)
+    predictions = pa.table(
         {
             TRANSACTION_ID: pa.array(events[TRANSACTION_ID], pa.string()),
             "user_id": pa.array(events["user_id"], pa.int64()),
             "merchant_id": pa.array(events["merchant_id"], pa.int64()),
             fr.EVENT_TS: pa.array(frame[fr.EVENT_TS], pa.timestamp("us", tz="UTC")),
             "score": pa.array(scores),
-            "decision": pa.array(np.asarray(loaded_model.decide(scores), dtype=bool)),
+            "decision": pa.array(decisions),
             "model_version": pa.array(np.full(n, int(loaded_model.version), dtype=np.int32)),
             "scored_at": pa.array(np.full(n, to_us(scored_at), dtype=np.int64), pa.timestamp("us", tz="UTC")),
             "day": pa.array(np.full(n, np.datetime64(day.isoformat(), "D"))).cast(pa.date32()),
         },
         schema=PREDICTIONS_SCHEMA,
     )
-
-
+    return predictions, frame, latency_ms

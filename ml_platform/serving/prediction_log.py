@@ -1,283 +1,219 @@
-"""The prediction log: every online prediction, appended to a Redis stream, drained into Parquet.
+"""The prediction log: one dataset of every prediction the platform makes (HTTP API, stream
+worker, batch scoring), read by monitoring and label joining. This module defines it once: the
+layout, the schema, each source's rows (batch scoring's here, the drained streams' in
+`prediction_log_drain`), the atomic file writes; the API's entry and writer
+(`prediction_log_writer`) are re-exported.
 
-Monitoring and label joining read the Parquet files (`data/predictions_log/date=YYYY-MM-DD/`),
-one row per prediction: its id, the transaction, the model inputs, the score, the decision, the
-model version and the latency. Writing is off the request path: the API hands entries to a
-`PredictionLogWriter`, whose task sends them in pipelined XADD batches (approximate MAXLEN
-trimming bounds the stream if nothing drains it). `drain_prediction_log` moves entries to Parquet
-(temp file, then rename) and trims exactly what it wrote; file names carry the stream-id range,
-so a re-run after a crash skips what is already on disk (no duplicates).
+Layout: `<log dir>/source=<api|stream|batch>/date=YYYY-MM-DD/<file>.parquet`
+(`settings.predictions_log_dir` = `data/predictions_log`). Every file holds `LOG_SCHEMA`'s columns,
+`source` included (a file names its own source), then the model's inputs as typed columns, one
+per input column: `feature.<column>` (float64 for numeric inputs, string for categorical ones,
+null for a missing value). Typed columns, not a JSON text column: batch scoring writes days of
+millions of rows (a JSON object of 32 inputs is ~1.5 KB a row: DuckDB's to_json took 5 µs a row
+to build it, and monitoring would parse it back), while typed columns are built column-wise and
+read by DuckDB or pyarrow as they are. Files of different
+model versions may hold different inputs: readers union them by name (`prediction_log_reader`).
+
+Who writes what:
+- api: the HTTP API hands a JSON entry per prediction (`prediction_entry`) to a
+  `PredictionLogWriter`, which XADDs it to `<project>:predictions` off the request path;
+  `prediction_log_drain.drain_prediction_log` moves entries to `source=api/` and trims the stream.
+- stream: the stream worker's output stream (`<project>:stream:predictions`, the product its
+  consumers read) is copied to `source=stream/` by `drain_stream_predictions`, which reads it
+  with a consumer group of its own and never trims it.
+- batch: `batch.score_partition` writes each scored day as one file (`BATCH_FILE`), replaced
+  atomically when the day is scored again.
+
+`date=` is the UTC day an entry was logged (api, stream: the time of its Redis stream id) or the
+scored day (batch: the transactions' day). Every row carries `event_timestamp`, so a reader
+selects by the transaction's day with it (a replayed or late event is logged on a later day).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import contextlib
 import os
 import time
 import uuid
-from collections import deque
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA
+from ml_platform.serving.prediction_log_writer import (  # the API's side, re-exported
+    DEFAULT_MAXLEN,
+    ENTRY_FIELD,
+    PredictionLogWriter,
+    prediction_entry,
+    prediction_stream_key,
+)
+from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA, parse_date
 
-_log = logging.getLogger(__name__)
-_REQUEST_FIELDS = ("transaction_id", "user_id", "merchant_id", "merchant_category", "amount", "country",
-                   "device", "channel", "event_timestamp")
+SOURCES = ("api", "stream", "batch")  # the paths that predict; each has its own folder of the log
+SOURCE_COLUMN = "source"
+FEATURE_PREFIX = "feature."  # a model input's column in the log: "feature.amount", "feature.txn_count_1h"
+BATCH_FILE = "predictions.parquet"  # batch scoring's one file per day
+# assemble_features + the scikit-learn Pipeline: how batch scoring (and a bare LoadedModel) scores
+REFERENCE_SCORER = "reference+sklearn"
+DECISIONS = ("fraud", "legit")  # the decision's encoding everywhere (a boolean decision maps to it)
 
-DEFAULT_MAXLEN = 1_000_000  # the stream keeps about this many entries if no drain runs
-ENTRY_FIELD = "json"  # each stream entry has one field: the prediction as a JSON object
-
-# One prediction, as a Parquet row. Stream fields have the same names (values as strings).
+REQUEST_FIELDS = ("transaction_id", "user_id", "merchant_id", "merchant_category", "amount", "country",
+                  "device", "channel", "event_timestamp")  # fmt: skip
+# One prediction, as a row of the log (its model inputs follow as FEATURE_PREFIX columns).
 LOG_SCHEMA = pa.schema(
     [
-        ("prediction_id", pa.string()),
-        ("stream_id", pa.string()),
+        (SOURCE_COLUMN, pa.string()),  # one of SOURCES
+        ("prediction_id", pa.string()),  # api: a UUID; stream: "stream-<transaction id>"; batch: "batch-<id>"
+        ("stream_id", pa.string()),  # the Redis stream entry id (api, stream); null for batch
         ("predicted_at", pa.timestamp("us", tz="UTC")),
         # the transaction as requested, typed as in the raw events' contract
-        *[(f.name, f.type) for f in TRANSACTIONS_ARROW_SCHEMA if f.name in _REQUEST_FIELDS],
+        *[(f.name, f.type) for f in TRANSACTIONS_ARROW_SCHEMA if f.name in REQUEST_FIELDS],
         ("model_name", pa.string()),
         ("model_version", pa.int64()),
-        ("probability", pa.float64()),
-        ("decision", pa.string()),
+        ("probability", pa.float64()),  # the score
+        ("decision", pa.string()),  # "fraud" / "legit" (null: not scored)
         ("threshold", pa.float64()),
-        ("scorer", pa.string()),
-        ("latency_ms", pa.float64()),
-        ("flags", pa.string()),  # JSON object
-        ("features", pa.string()),  # JSON object: the model's input values, by column
+        ("scorer", pa.string()),  # how the model was run ("compiled+treelite", "reference+sklearn", ...)
+        ("latency_ms", pa.float64()),  # see docs/serving.md "The prediction log" (per source)
+        ("flags", pa.string()),  # JSON object: api: unknown_entity ...; stream: consumer, input_id
     ]
 )
-_INT = {"user_id", "merchant_id", "model_version"}
-_FLOAT = {"amount", "probability", "threshold", "latency_ms"}
-_TIME = {"predicted_at", "event_timestamp"}
+LOG_COLUMNS = tuple(LOG_SCHEMA.names)
+_NULL_TYPE = pa.null()
+STALE_TEMP_S = 86400.0
+
+__all__ = [
+    "BATCH_FILE",
+    "DECISIONS",
+    "DEFAULT_MAXLEN",
+    "ENTRY_FIELD",
+    "FEATURE_PREFIX",
+    "LOG_COLUMNS",
+    "LOG_SCHEMA",
+    "REFERENCE_SCORER",
+    "REQUEST_FIELDS",
+    "SOURCES",
+    "SOURCE_COLUMN",
+    "DayFileWriter",
+    "PredictionLogWriter",
+    "batch_log_rows",
+    "batch_log_schema",
+    "check_source",
+    "day_dir",
+    "feature_array",
+    "feature_column",
+    "legacy_table",
+    "log_table",
+    "prediction_entry",
+    "prediction_stream_key",
+    "source_dir",
+    "write_atomic",
+]
 
 
-def prediction_stream_key(project: str) -> str:
-    """The stream of one project's predictions (next to its online store keys)."""
-    return f"{project}:predictions"
+def check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    return source
 
 
-def prediction_entry(
-    *,
-    prediction_id: str,
-    transaction: Mapping[str, Any],
-    model_name: str,
-    model_version: int,
-    probability: float,
-    decision: str,
-    threshold: float,
-    scorer: str,
-    latency_ms: float,
-    flags: Mapping[str, Any],
-    features: Mapping[str, Any],
-    predicted_at: datetime | None = None,
-) -> bytes:
-    """One prediction as the stream stores it: a JSON object (one field, `ENTRY_FIELD`) with the
-    `LOG_SCHEMA` columns; flags and features as nested objects. The one place the layout is written.
-    (One field, not one per column: redis-py packs each argument in Python, and 21 of them per
-    prediction cost more CPU than the whole scoring.) orjson writes a NaN feature as null, numpy
-    scalars as numbers, ~10x faster than json.dumps."""
-    ts = transaction["event_timestamp"]
-    record = {
-        "prediction_id": prediction_id,
-        "predicted_at": (predicted_at or datetime.now(UTC)).isoformat(),
-        "transaction_id": str(transaction["transaction_id"]),
-        "user_id": int(transaction["user_id"]),
-        "merchant_id": int(transaction["merchant_id"]),
-        "merchant_category": str(transaction["merchant_category"]),
-        "amount": float(transaction["amount"]),
-        "country": str(transaction["country"]),
-        "device": str(transaction["device"]),
-        "channel": str(transaction["channel"]),
-        "event_timestamp": ts.isoformat() if isinstance(ts, datetime) else str(ts),
-        "model_name": model_name,
-        "model_version": int(model_version),
-        "probability": float(probability),
-        "decision": decision,
-        "threshold": float(threshold),
-        "scorer": scorer,
-        "latency_ms": round(float(latency_ms), 3),
-        "flags": flags if type(flags) is dict else dict(flags),  # orjson takes dicts, not any Mapping
-        "features": features if type(features) is dict else dict(features),
-    }
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+def source_dir(log_dir: str | os.PathLike, source: str) -> Path:
+    """`<log dir>/source=<source>`."""
+    return Path(log_dir) / f"source={check_source(source)}"
 
 
-class PredictionLogWriter:
-    """Appends prediction entries to the stream from a background task, in pipelined batches
-    (at most `batch_size` entries, sent at most every `linger_s` seconds while traffic flows).
+def day_dir(log_dir: str | os.PathLike, source: str, day: date | str) -> Path:
+    """`<log dir>/source=<source>/date=YYYY-MM-DD`."""
+    return source_dir(log_dir, source) / f"date={parse_date(day, 'day of the prediction log').isoformat()}"
 
-    `append` never blocks and never fails a request: entries wait in memory (at most
-    `max_pending`; beyond that the oldest are dropped and counted) until Redis takes them; while
-    Redis is down the task retries with a growing pause, keeping what it holds.
-    """
 
-    def __init__(
-        self,
-        client: Any,  # redis.asyncio.Redis
-        stream: str,
-        *,
-        maxlen: int = DEFAULT_MAXLEN,
-        max_pending: int = 50_000,
-        batch_size: int = 200,
-        linger_s: float = 0.05,
-    ):
-        self.client = client
-        self.stream = stream
-        self.maxlen = int(maxlen)
-        self.max_pending = int(max_pending)
-        self.batch_size = int(batch_size)
-        self.linger_s = float(linger_s)
-        self.written = 0
-        self.dropped = 0
-        self.errors = 0
-        self.last_error: str | None = None
-        self._pending: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._closing = False
+def feature_column(name: str) -> str:
+    return FEATURE_PREFIX + name
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
-    def append(self, entries: Iterable[bytes]) -> None:
-        self._pending.extend(entries)
-        overflow = len(self._pending) - self.max_pending
-        if overflow > 0:
-            for _ in range(overflow):
-                self._pending.popleft()
-            self.dropped += overflow
-        self._idle.clear()
-        self._wake.set()
+# --------------------------------------------------------------------------- tables
 
-    async def run(self) -> None:
-        """The writer task: runs until cancelled (call `close` first to flush)."""
-        pause = 0.05
-        while True:
-            if not self._pending:
-                self._idle.set()
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                if self.linger_s > 0 and not self._closing:
-                    # let a few batches of predictions gather: one pipeline per ~50 ms, not per request
-                    await asyncio.sleep(self.linger_s)
-                continue
-            batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for entry in batch:
-                        pipe.xadd(self.stream, {ENTRY_FIELD: entry}, maxlen=self.maxlen, approximate=True)
-                    await pipe.execute()
-            except Exception as exc:  # noqa: BLE001 - Redis down: keep the entries, retry later
-                self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if self._closing:
-                    return
-                _log.warning("prediction log: XADD failed (%s); %d entries waiting", exc, len(self._pending))
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
-                continue
-            pause = 0.05
-            for _ in range(len(batch)):
-                self._pending.popleft()
-            self.written += len(batch)
 
-    async def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every appended entry is written (True) or `timeout` passes (False)."""
+def feature_array(values: Any, type: pa.DataType | None = None) -> pa.Array:
+    """One model input as a log column: numbers as float64, strings as string, NaN/None as null
+    (a column of nulls only stays of null type, which readers promote to the other files' type)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        array = values
+    elif type is not None:
+        return pa.array(values, type=type, from_pandas=True)
+    else:
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """Write what is pending (up to `timeout`), then let the task end."""
-        self._closing = True
-        self._wake.set()
-        if not await self.flush(timeout) and self._pending:
-            _log.warning("prediction log: %d entries not written at shutdown", len(self._pending))
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "stream": self.stream,
-            "pending": self.pending,
-            "written": self.written,
-            "dropped": self.dropped,
-            "errors": self.errors,
-            "last_error": self.last_error,
-        }
+            array = pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds (numbers and text): keep them as text
+            array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    kind = array.type
+    if type is not None:
+        return array.cast(type)
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_floating(kind):
+        return array.cast(pa.float64())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or kind == _NULL_TYPE:
+        return array.cast(pa.string()) if kind != _NULL_TYPE else array
+    return pa.array([None if v is None else str(v) for v in array.to_pylist()], type=pa.string())
 
 
-# --------------------------------------------------------------------------- drain to Parquet
+def log_table(columns: Mapping[str, Any], features: Mapping[str, Any], n: int) -> pa.Table:
+    """A log table of `n` rows: LOG_SCHEMA's columns from `columns` (arrays, lists or one value
+    for every row; an absent column is null), then one FEATURE_PREFIX column per `features`
+    entry (values as `feature_array` takes them, or a ready pa.Array), in their order."""
+    unknown = [name for name in columns if name not in LOG_COLUMNS]
+    if unknown:
+        raise ValueError(f"not prediction log columns: {unknown}; the log has {list(LOG_COLUMNS)}")
+    arrays: list[pa.Array] = []
+    for field in LOG_SCHEMA:
+        value = columns.get(field.name)
+        if value is None:
+            arrays.append(pa.nulls(n, field.type))
+        elif isinstance(value, (pa.Array, pa.ChunkedArray)):
+            arrays.append(value.cast(field.type))
+        elif isinstance(value, (list, tuple, np.ndarray)) or hasattr(value, "__array__"):
+            arrays.append(pa.array(value, type=field.type, from_pandas=True))
+        else:
+            arrays.append(pa.repeat(pa.scalar(value, field.type), n))
+    names = list(LOG_COLUMNS)
+    for name, values in features.items():
+        arrays.append(values if isinstance(values, pa.Array) else feature_array(values))
+        names.append(feature_column(name))
+    bad = [(name, len(a)) for name, a in zip(names, arrays) if len(a) != n]
+    if bad:
+        raise ValueError(f"prediction log columns of the wrong length (expected {n} rows): {bad}")
+    return pa.Table.from_arrays(arrays, names=names)
 
 
-def _sid(value: bytes | str) -> tuple[int, int]:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+def legacy_table(table: pa.Table, source: str = "api") -> pa.Table:
+    """A file of the first layout (`<log dir>/date=D/`, no `source`, the model inputs as one JSON
+    text column `features`) in the current schema."""
+    rows = table.to_pylist()
+    features = []
+    for row in rows:
+        text = row.pop("features", None)
+        inputs = orjson.loads(text) if text else {}
+        if isinstance(inputs, dict) and set(inputs) == {"unparsed_entry"}:  # the old drain's unreadable entry
+            row["flags"] = orjson.dumps(inputs).decode()
+            inputs = {}
+        features.append(inputs if isinstance(inputs, dict) else {"features": text})
+    names = list(dict.fromkeys(name for inputs in features for name in inputs))
+    columns = {name: [row.get(name) for row in rows] for name in LOG_COLUMNS if name in table.column_names}
+    values = {name: [inputs.get(name) for inputs in features] for name in names}
+    return log_table({**columns, SOURCE_COLUMN: source}, values, len(rows))
 
 
-def _sid_text(sid: tuple[int, int]) -> str:
-    return f"{sid[0]}-{sid[1]}"
-
-
-def written_watermark(out_dir: str | Path) -> tuple[int, int]:
-    """The newest stream id already in a Parquet file under `out_dir` ((0, 0) if none)."""
-    best = (0, 0)
-    for path in Path(out_dir).glob("date=*/part-*_*.parquet"):
-        try:
-            last = _sid(path.stem.split("_", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        best = max(best, last)
-    return best
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _rows_to_table(entries: list[tuple[bytes, dict]]) -> pa.Table:
-    """Stream entries -> a LOG_SCHEMA table. An entry that is not valid JSON is kept as a row with
-    only its stream id and the raw text in `features` (never silently dropped)."""
-    columns: dict[str, list] = {name: [] for name in LOG_SCHEMA.names}
-    for sid, fields in entries:
-        raw = fields.get(ENTRY_FIELD.encode(), fields.get(ENTRY_FIELD))
-        try:
-            record = orjson.loads(raw)
-            if not isinstance(record, dict):
-                raise TypeError("not a JSON object")
-        except (TypeError, ValueError):  # orjson.JSONDecodeError is a ValueError
-            record = {"features": {"unparsed_entry": _text(raw) if raw is not None else repr(fields)}}
-        record["stream_id"] = _text(sid)
-        for name in LOG_SCHEMA.names:
-            value = record.get(name)
-            if value is None:
-                pass
-            elif name in _TIME:
-                value = datetime.fromisoformat(value).astimezone(UTC)
-            elif name in ("flags", "features"):
-                value = orjson.dumps(value).decode()
-            elif name in _INT:
-                value = int(value)
-            elif name in _FLOAT:
-                value = float(value)
-            columns[name].append(value)
-    return pa.table(columns, schema=LOG_SCHEMA)
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file: a temp file next to it, then rename (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -287,81 +223,163 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def drain_prediction_log(
-    client: Any, stream: str, out_dir: str | Path, *, batch_size: int = 50_000, lock_timeout_s: float = 600.0
-) -> dict[str, Any]:
-    """Move the stream's entries into Parquet under `out_dir` and trim them from the stream.
+class DayFileWriter:
+    """One day's file written chunk by chunk, replaced as a whole: chunks are built and written
+    to a temp file next to `path` by a background thread, while the caller goes on with its next
+    chunk (pyarrow's conversions and Parquet encoding release the GIL, and so does the model's
+    scoring in the caller; one chunk in flight bounds the memory); `commit` renames the temp file
+    over `path` (the previous file of the day is replaced at once), `discard` deletes it.
 
-    `client` is a synchronous redis.Redis. Files: `out_dir/date=YYYY-MM-DD/part-<first id>_<last
-    id>.parquet` (the UTC day of the stream id, i.e. when the entry was logged), each written to a temp file and renamed. The stream
-    is trimmed (XTRIM MINID, exact) only up to what is on disk, so a crash at any point loses
-    nothing, and entries already on disk (id <= the newest id in a file name) are skipped, not
-    written twice. One drain at a time per stream (a Redis lock; a second one raises).
-    Returns {"rows", "files", "skipped", "first_id", "last_id", "seconds"}."""
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    lock_key, token = f"{stream}:drain-lock", uuid.uuid4().hex
-    if not client.set(lock_key, token, nx=True, px=int(lock_timeout_s * 1000)):
-        raise RuntimeError(
-            f"another drain of {stream!r} is running (lock {lock_key!r}); wait for it, or delete the key "
-            f"if that process died (it expires after {lock_timeout_s:.0f} s)"
-        )
-    rows, skipped, files = 0, 0, []
-    first_id = last_id = None
-    try:
-        watermark = written_watermark(out_dir)
-        start = "-"
-        while True:
-            entries = client.xrange(stream, min=start, max="+", count=batch_size)
-            if not entries:
-                break
-            fresh = [(sid, f) for sid, f in entries if _sid(sid) > watermark]
-            skipped += len(entries) - len(fresh)
-            if fresh:
-                table = _rows_to_table(fresh)
-                # Partition by the day of the stream id (monotonic), so each day's file is a
-                # contiguous id range and files are written in id order: a crash leaves a prefix.
-                days = [
-                    datetime.fromtimestamp(_sid(sid)[0] / 1000, UTC).date().isoformat() for sid, _ in fresh
-                ]
-                start_row = 0
-                while start_row < len(fresh):
-                    stop_row = start_row
-                    while stop_row < len(fresh) and days[stop_row] == days[start_row]:
-                        stop_row += 1
-                    part = table.slice(start_row, stop_row - start_row)
-                    ids = part.column("stream_id")
-                    path = (
-                        out_dir
-                        / f"date={days[start_row]}"
-                        / f"part-{ids[0].as_py()}_{ids[-1].as_py()}.parquet"
-                    )
-                    _write_atomic(part, path)
-                    files.append(str(path))
-                    start_row = stop_row
-                rows += len(fresh)
-                first_id = first_id or _text(fresh[0][0])
-                last_id = _text(fresh[-1][0])
-                watermark = _sid(fresh[-1][0])
-            newest = _sid(entries[-1][0])
-            # Everything up to `newest` is on disk now: trim exactly that (MINID keeps ids >= it).
-            client.xtrim(stream, minid=_sid_text((newest[0], newest[1] + 1)), approximate=False)
-            start = "(" + _text(entries[-1][0])
-            if len(entries) < batch_size:
-                break
-    finally:
-        # Release the lock only if it is still ours.
-        client.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            1,
-            lock_key,
-            token,
-        )
-    return {
-        "rows": rows,
-        "files": files,
-        "skipped": skipped,
-        "first_id": first_id,
-        "last_id": last_id,
-        "seconds": round(time.perf_counter() - started, 3),
+    Only the text columns that repeat (categories, countries, ...) are dictionary-encoded: a
+    float input or an id has too many distinct values for a dictionary to pay (pyarrow would
+    build one per column and row group, then fall back)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = Path(path)
+        self.schema = schema
+        self.rows = 0
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self._writer: pq.ParquetWriter | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="day-file")
+        self._pending: Future | None = None
+        self._done = False
+        cutoff = time.time() - STALE_TEMP_S  # temp files a killed process left (a live run is far shorter)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+
+    def write(self, table: pa.Table) -> None:
+        """Append `table` (written in the background; an error is raised by the next call)."""
+        self.write_built(lambda: table)
+
+    def write_built(self, build: Callable[..., pa.Table], *args: Any) -> None:
+        """Append the table `build(*args)` returns, built in the background thread too (`args` must
+        not change meanwhile). Waits for the previous chunk first; its error is raised here."""
+        if self._done:
+            raise RuntimeError(f"{self.path}: write after commit/discard")
+        self._wait()
+        self._pending = self._pool.submit(self._build_and_write, build, args)
+
+    def _build_and_write(self, build: Callable[..., pa.Table], args: tuple) -> None:
+        table = build(*args)
+        if not table.schema.equals(self.schema):
+            raise ValueError(f"{self.path}: chunk schema {table.schema} is not the file's {self.schema}")
+        self._write(table)
+        self.rows += table.num_rows
+
+    def _write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
+            unique = ("prediction_id", "transaction_id", "stream_id")  # one value a row: no dictionary
+            strings = [f.name for f in self.schema if pa.types.is_string(f.type) and f.name not in unique]
+            self._writer = pq.ParquetWriter(
+                self._tmp, self.schema, compression="zstd", use_dictionary=strings
+            )
+        self._writer.write_table(table)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def commit(self) -> Path:
+        """Finish the file and put it in place (an empty day gets a file with no rows)."""
+        try:
+            self._wait()
+            if self._writer is None:
+                self._write(self.schema.empty_table())
+            self._writer.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self._done = True
+        self._pool.shutdown()
+        return self.path
+
+    def discard(self) -> None:
+        self._done = True
+        with contextlib.suppress(Exception):
+            self._wait()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        self._pool.shutdown()
+        self._tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- batch scoring's rows
+
+
+def batch_log_schema(contract) -> pa.Schema:
+    """The day's log file: LOG_SCHEMA, then the contract's inputs (numeric float64, categorical string)."""
+    kinds = {
+        c: pa.string() if c in contract.categorical_features else pa.float64() for c in contract.input_columns
     }
+    return pa.schema([*LOG_SCHEMA, *(pa.field(feature_column(c), t) for c, t in kinds.items())])
+
+
+def batch_log_rows(
+    loaded_model,
+    predictions: pa.Table,
+    events: pd.DataFrame,
+    frame: pd.DataFrame,
+    scored_at: datetime,
+    latency_ms: float,
+) -> pa.Table:
+    """A chunk scored by `batch.score_partition` as log rows: `predictions` (its rows of the
+    predictions table), the request fields of `events`, the decision as DECISIONS' words, the
+    model inputs (`contract.model_input` of `frame`, what the model read) as typed columns,
+    `latency_ms` the chunk's scoring time per row; all built column-wise."""
+    contract = loaded_model.contract
+    ids = predictions.column("transaction_id")
+    decision = pc.if_else(predictions.column("decision"), DECISIONS[0], DECISIONS[1])
+    request = {
+        c: events[c].to_numpy() for c in REQUEST_FIELDS if c in events.columns and c != "event_timestamp"
+    }
+    columns = {
+        SOURCE_COLUMN: "batch",
+        "prediction_id": pc.binary_join_element_wise("batch-", ids, ""),
+        "predicted_at": scored_at,
+        **request,
+        "transaction_id": ids,
+        "event_timestamp": predictions.column("event_timestamp"),
+        "model_name": contract.model_name,
+        "model_version": int(loaded_model.version),
+        "probability": predictions.column("score"),
+        "decision": decision,
+        "threshold": float(contract.decision_threshold),
+        "scorer": REFERENCE_SCORER,
+        "latency_ms": round(latency_ms, 6),
+    }
+    inputs = contract.model_input(frame)
+    categorical = set(contract.categorical_features)
+    features = {
+        c: pa.array(
+            inputs[c].to_numpy(), type=pa.string() if c in categorical else pa.float64(), from_pandas=True
+        )
+        for c in contract.input_columns
+    }
+    return log_table(columns, features, len(events))
+
+
+# The drain and the reader live next door (they import this module): re-exported lazily, so
+# `from ml_platform.serving.prediction_log import read_prediction_log` works too.
+_NEXT_DOOR = {
+    "drain_prediction_log": "prediction_log_drain",
+    "drain_stream_predictions": "prediction_log_drain",
+    "LOG_GROUP": "prediction_log_drain",
+    "read_prediction_log": "prediction_log_reader",
+    "logged_days": "prediction_log_reader",
+    "model_input_frame": "prediction_log_reader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _NEXT_DOOR.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"ml_platform.serving.{module}"), name)

@@ -37,7 +37,9 @@ class StreamConfig:
     seed_history: bool = True
     trim_slack: timedelta = timedelta(days=1)
     scorer: str = "auto"  # fast_scorer.build_scoring_path: "auto" (treelite if it agrees), "sklearn"
-    include_features: bool = False  # add the looked-up feature values to each prediction
+    # the model's input values in each prediction (`features`): the prediction log's inputs.
+    # False: smaller outputs, and the log's stream rows have no inputs.
+    include_features: bool = True
     pipeline: bool = True  # write batch N (online update + emit) while batch N+1 is read and folded
 
     def __post_init__(self) -> None:

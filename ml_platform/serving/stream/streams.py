@@ -28,18 +28,26 @@ class StreamNames:
     dead_letter: str
     done_prefix: str
     seeded: str
+    input_columns: str  # hash: model version -> the names of its outputs' `features` array
+
+
+def input_columns_key(output_stream: str) -> str:
+    """The hash naming the `features` array of an output stream's predictions, per model version."""
+    return f"{output_stream}:input_columns"
 
 
 def stream_names(project: str, config: StreamConfig | None = None) -> StreamNames:
     """The keys a project's stream worker uses (config overrides the stream names)."""
     config = config or StreamConfig()
     base = f"{project}:stream:"
+    output = config.output_stream or base + "predictions"
     return StreamNames(
         input=config.input_stream or base + "transactions",
-        output=config.output_stream or base + "predictions",
+        output=output,
         dead_letter=config.dead_letter_stream or base + "dead_letter",
         done_prefix=base + "done:",
         seeded=base + "seeded",
+        input_columns=input_columns_key(output),
     )
 
 
@@ -87,10 +95,12 @@ def publish_payloads(
 
 
 def read_predictions(client: redis.Redis, stream: str, count: int | None = None) -> list[dict[str, Any]]:
-    """Every prediction in an output stream (oldest first), as dicts with `entry_id`."""
+    """Every prediction in an output stream (oldest first), as dicts with `entry_id`; the
+    `features` array named (a dict, by `input_columns_key`'s names of its model version)."""
     out = []
     last = "-"
     field = PREDICTION_FIELD.encode()
+    names = input_column_names(client, stream)
     while True:
         entries = client.xrange(stream, min=last, max="+", count=5000)
         if last != "-":
@@ -100,11 +110,20 @@ def read_predictions(client: redis.Redis, stream: str, count: int | None = None)
         for entry_id, fields in entries:
             body = orjson.loads(fields[field])
             body["entry_id"] = entry_id.decode()
+            inputs = body.get("features")
+            if isinstance(inputs, list) and body.get("model_version") in names:
+                body["features"] = dict(zip(names[body["model_version"]], inputs))
             out.append(body)
         last = entries[-1][0]
         if count is not None and len(out) >= count:
             break
     return out
+
+
+def input_column_names(client: redis.Redis, output_stream: str) -> dict[int, list[str]]:
+    """{model version: the names of its predictions' `features` array} of an output stream."""
+    recorded = client.hgetall(input_columns_key(output_stream))
+    return {int(as_text(version)): orjson.loads(names) for version, names in recorded.items()}
 
 
 def as_text(value: Any) -> str:

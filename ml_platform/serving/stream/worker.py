@@ -40,7 +40,7 @@ from ml_platform.featurestore.online import OnlineStoreError, RedisOnlineStore
 from ml_platform.featurestore.streaming import EVENT_ID, PendingFold, StreamingUpdater
 from ml_platform.serving.scoring import LoadedModel
 from ml_platform.serving.stream.config import StreamConfig
-from ml_platform.serving.stream.emit import Emitter, prediction_items
+from ml_platform.serving.stream.emit import Emitter, logged_features, prediction_items, publish_input_columns
 from ml_platform.serving.stream.events import EVENT_FIELD, TRANSACTION, MalformedEvent, parse_event
 from ml_platform.serving.stream.scoring_plan import ScoringPlan
 from ml_platform.serving.stream.seeding import empty_feature_table
@@ -85,6 +85,7 @@ class StreamWorker:
         self._next_claim = 0.0
         self._own_pending = True  # first read this consumer's own unacknowledged entries
         self._plans: dict[int, ScoringPlan] = {}
+        self._input_columns: set[tuple[int, tuple[str, ...]]] = set()  # published (version, names)
         self._stats_lock = threading.Lock()
         self._sink = BatchSink(self._write, self.consumer) if self.config.pipeline else None
         self._inflight: _InFlight | None = None  # read and folded, not yet scored (pipelined)
@@ -443,17 +444,18 @@ class StreamWorker:
                 latest_rows[name] = folded.latest[name]
             clock.lap("fold")
             event_us = np.fromiter([e[fr.EVENT_TS] for e in events], np.int64, len(events))
-            scores, looked_up = self._plan(model).score(model, events, event_us, folded, self.online)
+            plan = self._plan(model)
+            scores, looked_up = plan.score(model, events, event_us, folded, self.online)
             clock.lap("score")
+            features = None
+            if self.config.include_features:
+                features = logged_features(model, plan.request_columns, events, event_us, looked_up)
+                schema = (int(model.version), tuple(features))
+                if schema not in self._input_columns:  # the names of the features array, once per version
+                    publish_input_columns(self.client, self.names.output, *schema)
+                    self._input_columns.add(schema)
             predictions = prediction_items(
-                transactions,
-                done_keys,
-                event_us,
-                scores,
-                looked_up,
-                model,
-                self.consumer,
-                self.config.include_features,
+                transactions, done_keys, event_us, scores, features, model, self.consumer
             )
             clock.lap("output")
         job = (latest_rows, predictions, label_done, dead, acks)
