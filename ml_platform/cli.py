@@ -85,30 +85,61 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
     end = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     start = end - dt.timedelta(days=days - 1)
     click.echo(f"Materializing the asset graph for {start} .. {end} ({days} days, {n_users} users, seed {seed}) ...")
-    outcome = run_training_pipeline(
-        settings,
-        start=start,
-        end=end,
-        event_source={
-            "seed": seed,
-            "n_users": n_users,
-            "n_merchants": n_merchants,
-            "txns_per_user_per_day": txns_per_user_per_day,
-            "drift_start": drift_start,
-        },
-    )
-    took = time.monotonic() - started
+    event_source = {
+        "seed": seed,
+        "n_users": n_users,
+        "n_merchants": n_merchants,
+        "txns_per_user_per_day": txns_per_user_per_day,
+        "drift_start": drift_start,
+    }
+    outcome = run_training_pipeline(settings, start=start, end=end, event_source=event_source)
     ml_platform = venv_command("ml-platform", "ml_platform.cli")
     if not outcome.success:
-        click.echo(f"\nThe run failed after {took:.0f} s: {outcome.failure}", err=True)
+        click.echo(f"\nThe run failed after {time.monotonic() - started:.0f} s: {outcome.failure}", err=True)
         click.echo(f"Look at run {outcome.run_id} in the UI ({ml_platform} ui).", err=True)
         sys.exit(1)
     click.echo(outcome.summary())
+    _score_and_monitor(settings, end, event_source)
+    took = time.monotonic() - started
     click.echo(f"\nDone in {took:.0f} s. Where to look:")
     click.echo(f"  Dagster UI:   {ml_platform} ui   -> http://127.0.0.1:{DEFAULT_UI_PORT}")
     click.echo(f"  Dagster home: {settings.dagster_home}")
     click.echo(f"  MLflow:       {settings.mlflow_tracking_uri}")
     click.echo(f"                {venv_command('mlflow', 'mlflow')} ui --backend-store-uri {settings.mlflow_tracking_uri}")
+
+
+SCORED_DAYS = 14  # the demo scores the last two weeks: labelled performance has mature days to show
+
+
+def _score_and_monitor(settings: Settings, day: dt.date, event_source: dict) -> None:
+    """The daily half of the lifecycle: score the last SCORED_DAYS days up to `day` in batch (one
+    daily_scoring run), then monitor `day` (daily_monitoring); prints the dashboard. Exits 1 if a
+    run fails."""
+    from ml_platform.defs.pipeline import run_daily_job, run_monitoring
+
+    first = day - dt.timedelta(days=SCORED_DAYS - 1)
+    click.echo(f"\nScoring {first} .. {day} in batch, then monitoring {day} ...")
+    for outcome in (run_daily_job(settings, "daily_scoring", first, event_source, until=day),
+                    run_monitoring(settings, day, event_source)):
+        if not outcome.success:
+            click.echo(f"The run {outcome.run_id} failed: {outcome.failure}", err=True)
+            sys.exit(1)
+    _print_dashboard(settings, day)
+
+
+def _print_dashboard(settings: Settings, day: dt.date, monitors=None, details: bool = False):
+    """Print the saved dashboard of `day` (only `monitors`, default all) and the report's path."""
+    from ml_platform.monitoring.daily_report import report_path
+    from ml_platform.monitoring.dashboard import MONITORS, Dashboard
+    from ml_platform.monitoring.results import load_result
+
+    found = {m: load_result(settings.monitoring_dir, m, day) for m in (monitors or MONITORS)}
+    board = Dashboard(day.isoformat(), {m: r for m, r in found.items() if r is not None})
+    click.echo(board.to_text(details=details))
+    report = report_path(settings.reports_dir, day.isoformat())
+    if report.exists():
+        click.echo(f"Report: {report}")
+    return board
 
 
 @main.command(short_help="Real-time prediction API (HTTP).")
@@ -220,6 +251,30 @@ def _generated_events(n: int, day: dt.datetime | None, seed: int):
     token = uuid.uuid4().hex[:8]
     events["transaction_id"] = f"pub-{token}-" + events["transaction_id"].astype(str)
     return events
+
+
+@main.command(short_help="Run the monitoring assets for one day and print the dashboard.")
+@click.option("--date", "day", type=click.DateTime(formats=["%Y-%m-%d"]), required=True,
+              help="The day (partition) to monitor, YYYY-MM-DD.")
+@click.option("--details", is_flag=True, help="Add each row's detail column.")
+@click.option("--fail-on-alert", is_flag=True, help="Exit with status 2 when any monitor alerts (for scripts).")
+def monitor(day: dt.datetime, details: bool, fail_on_alert: bool) -> None:
+    """Materialize label_feed, data_drift, prediction_drift, model_performance, serving_health and
+    monitoring_dashboard for DATE through Dagster (the run shows in the UI), then print the table."""
+    settings = load_settings()
+    prepare_dagster_home(settings)
+    from ml_platform.defs.pipeline import run_monitoring
+    from ml_platform.monitoring.dashboard import MONITORS
+
+    date = day.date()
+    outcome = run_monitoring(settings, date)
+    # Only what this run materialized: a failed monitor's older result would be stale.
+    board = _print_dashboard(settings, date, [m for m in MONITORS if m in outcome.metadata], details)
+    if not outcome.success:
+        click.echo(f"\nThe monitoring run failed: {outcome.failure} (run {outcome.run_id})", err=True)
+        sys.exit(1)
+    if fail_on_alert and board.status == "alert":
+        sys.exit(2)
 
 
 @main.command(short_help="Move `champion` back to the previous champion.")

@@ -23,7 +23,9 @@ from ml_platform.featurestore.definitions import (
     FileSource,
     Int64,
     String,
+    parse_feature_ref,
 )
+from ml_platform.settings import SyntheticDefaults
 
 # --- Raw data contract: column names of the transaction events (see ml_platform.sources) ---
 TRANSACTIONS_PATH = "raw/transactions"  # hive-partitioned Parquet: raw/transactions/date=YYYY-MM-DD/*.parquet
@@ -132,6 +134,11 @@ user_profile = FeatureView(
     description="Card-holder profile: home country and account age at the last profile update",
 )
 
+# How long labels take to settle: a legit label is confirmed this long after the event (the
+# generator's default; set it to your own label process). Views on `labels_source` reach their
+# steady state only this long after their window has filled.
+LABEL_SETTLING = timedelta(days=SyntheticDefaults.label_maturity_days)
+
 ENTITIES = [user, merchant]
 FEATURE_VIEWS = [
     user_transaction_stats,
@@ -228,3 +235,20 @@ MODEL_FEATURE_REFS = [
     "user_profile:account_age_days",
     "user_profile:home_country",
 ]
+
+
+def history_warmup(feature_refs: Sequence[str] = MODEL_FEATURE_REFS) -> timedelta:
+    """How much history the features of `feature_refs` need before their values are in steady
+    state: the longest aggregation window of the views they read, plus `LABEL_SETTLING` when one of
+    them aggregates labels. Before that, a "30-day count" holds only the days that exist, so
+    events of the first weeks of a history look unlike any event served later (monitoring's
+    reference leaves them out)."""
+    views = {v.name: v for v in FEATURE_VIEWS}
+    warmup = timedelta(0)
+    for ref in feature_refs:
+        view = views.get(parse_feature_ref(ref)[0])
+        if view is None or not view.aggregations:
+            continue
+        longest = max(a.window for a in view.aggregations)
+        warmup = max(warmup, longest + (LABEL_SETTLING if view.source is labels_source else timedelta(0)))
+    return warmup

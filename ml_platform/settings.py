@@ -46,7 +46,8 @@ class SyntheticDefaults:
     n_users = 5000
     n_merchants = 500
     txns_per_user_per_day = 0.6
-    demo_days = 45
+    demo_days = 75  # the features' 37-day warm-up, then a month of steady state (see features.history_warmup)
+    label_maturity_days = 7  # a legit label is confirmed this long after the event
     min_demo_days = 21  # labels settle 7 days after the event: shorter histories cannot split
 
 
@@ -67,11 +68,19 @@ class Settings(BaseSettings):
     # The user's own events (a Parquet/CSV file or folder with the contract's columns): when set,
     # the `event_source` resource imports them instead of generating synthetic ones.
     events_path: Path | None = Field(default=None, validation_alias="ML_PLATFORM_EVENTS_PATH")
+    # Your own label files (transaction_id, merchant_id, is_fraud, label_timestamp), with your events.
+    labels_path: Path | None = Field(default=None, validation_alias="ML_PLATFORM_LABELS_PATH")
     stream_batch_size: int = Field(
         default=DEFAULT_STREAM_BATCH_SIZE, ge=1, le=10_000, validation_alias="ML_PLATFORM_STREAM_BATCH_SIZE"
     )
 
-    @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", mode="before")
+    # A TOML file overriding monitoring thresholds ([drift], [prediction], [performance], [serving]).
+    monitoring_config: Path | None = Field(default=None, validation_alias="ML_PLATFORM_MONITORING_CONFIG")
+    # The API's Prometheus endpoint, read by serving_health for the error rate (unset: the log alone).
+    api_metrics_url: str | None = Field(default=None, validation_alias="ML_PLATFORM_API_METRICS_URL")
+
+    @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", "labels_path",
+                     "monitoring_config", "api_metrics_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -122,7 +131,13 @@ class Settings(BaseSettings):
 
     @property
     def reports_dir(self) -> Path:
+        """Self-contained HTML reports (monitoring_<day>.html) and scenario results."""
         return self.data_dir / "reports"
+
+    @property
+    def monitoring_dir(self) -> Path:
+        """Monitoring results per asset and day (JSON) and the cached model references."""
+        return self.data_dir / "monitoring"
 
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.dagster_home, self.raw_dir, self.offline_dir, self.mlflow_dir):

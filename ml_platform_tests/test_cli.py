@@ -19,7 +19,7 @@ except ImportError:  # ml_platform_tests imported as a package
     from ml_platform_tests.fixtures_platform import TEST_REDIS_URL, delete_project_keys
 
 CLI = Path(sys.executable).parent / "ml-platform"  # the venv's console script
-COMMANDS = {"demo", "publish", "rollback", "serve", "stream", "ui"}
+COMMANDS = {"demo", "monitor", "publish", "rollback", "serve", "stream", "ui"}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -108,6 +108,15 @@ def test_rollback_moves_the_champion_back_and_records_why(platform_env, tmp_path
     again = run_cli("rollback", "--reason", "again", env=platform_env, cwd=tmp_path)
     assert again.returncode == 1 and "Error:" in again.stderr
     assert registry.champion().version == 1
+
+
+def test_monitor_before_any_champion_fails_saying_so_and_a_bad_date_is_a_usage_error(platform_env, tmp_path):
+    out = run_cli("monitor", "--date", "2026-01-31", env=platform_env, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "has no champion yet: run the training pipeline first" in out.stderr
+    assert "Monitoring 2026-01-31" in out.stdout  # the table of what did run (here: nothing)
+    bad = run_cli("monitor", "--date", "31/01/2026", env=platform_env, cwd=tmp_path)
+    assert bad.returncode == 2 and "'31/01/2026' does not match the format '%Y-%m-%d'" in bad.stderr
 
 
 def _stream_events(client, project: str) -> list[dict]:

@@ -36,10 +36,15 @@ def test_definitions_load_with_the_whole_graph():
         "merchant_fraud_stats", "user_merchant_stats", "training_set", "trained_model",
         "model_evaluation", "registered_model",
     } <= keys
-    # training_pipeline is everything but batch scoring and the log drain (what `make demo` runs).
+    monitoring = {"label_feed", "data_drift", "prediction_drift", "model_performance", "serving_health",
+                  "monitoring_dashboard"}
+    assert monitoring <= keys
+    # training_pipeline is everything but batch scoring, the log drain and monitoring.
     job = defs.resolve_job_def("training_pipeline")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert selected == keys - {"batch_predictions", "prediction_log"}
+    assert selected == keys - {"batch_predictions", "prediction_log"} - monitoring
+    job = defs.resolve_job_def("daily_monitoring")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == monitoring
     checks = {spec.name: spec.blocking for spec in a.raw_transactions.check_specs}
     assert checks == {a.RAW_CHECK: True}
     assert {spec.name: spec.blocking for spec in a.training_set.check_specs} == {a.TRAINING_CHECK: True}
@@ -74,12 +79,19 @@ def test_daily_scoring_has_one_backfill_policy_and_resolves_without_warnings():
     defs = build_definitions()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for name in ("daily_scoring", "training_pipeline", "retrain", "drain_prediction_log"):
+        for name in ("daily_scoring", "training_pipeline", "retrain", "drain_prediction_log", "daily_monitoring"):
             defs.resolve_job_def(name)
     assert [str(w.message) for w in caught] == []
-    partitioned = [x for x in pipeline.ALL_ASSETS if x.partitions_def is not None]
-    assert {x.key.to_user_string() for x in partitioned} == {"raw_transactions", "batch_predictions"}
-    assert {x.backfill_policy for x in partitioned} == {dg.BackfillPolicy.single_run()}
+    partitioned = {x.key.to_user_string(): x for x in pipeline.ALL_ASSETS if x.partitions_def is not None}
+    # Ingestion and scoring run a range of days as one run; monitoring one day per run, so each
+    # day has its own materialization, figures and check result.
+    policies = {k: x.backfill_policy for k, x in partitioned.items()}
+    assert policies == {
+        "raw_transactions": dg.BackfillPolicy.single_run(),
+        "batch_predictions": dg.BackfillPolicy.single_run(),
+        **{k: None for k in ("label_feed", "data_drift", "prediction_drift", "model_performance",
+                             "serving_health", "monitoring_dashboard")},
+    }
 
 
 def test_schedules_ship_running():
@@ -88,6 +100,7 @@ def test_schedules_ship_running():
     assert statuses == {
         "daily_scoring_schedule": dg.DefaultScheduleStatus.RUNNING,
         "drain_prediction_log_schedule": dg.DefaultScheduleStatus.RUNNING,
+        "daily_monitoring_schedule": dg.DefaultScheduleStatus.RUNNING,
     }
 
 

@@ -114,3 +114,36 @@ def test_bad_label_files_name_the_column_and_value(tmp_path):
     src.write_text("transaction_id,merchant_id,is_fraud,label_timestamp\nt1,3,,2025-05-01T08:00:00Z\n")
     with pytest.raises(EventsFormatError, match=r"1 label row\(s\) have no is_fraud"):
         import_label_files(src, tmp_path / "raw")
+
+
+def test_known_labels_are_the_raw_events_labels_plus_the_feeds_arrivals(tmp_path):
+    from ml_platform.sources.generator import write_day
+    from ml_platform.sources.labels import read_known_labels
+    from ml_platform.sources.raw_events import read_days
+
+    config = dataclasses.replace(CONFIG, n_users=3000, fraud_rate=0.05)
+    day = FIRST + dt.timedelta(days=3)
+    # The raw day as written 10 days later (an import, say): it carries the labels known by then.
+    written = dataclasses.replace(config, as_of=dt.datetime.combine(day + dt.timedelta(days=10), dt.time(), dt.UTC))
+    write_day(written, day, tmp_path)
+    raw = read_days(tmp_path, [day])
+    carried = raw[raw["is_fraud"].notna()]
+    assert len(carried) > 100
+    # The first day after the write on which a chargeback for that day's transactions arrives.
+    for offset in range(11, 32):
+        later = day + dt.timedelta(days=offset)
+        arrivals = synthetic_label_arrivals(config, later, first_event_day=day)
+        arrivals = arrivals[arrivals["transaction_id"].isin(raw["transaction_id"])]
+        if len(arrivals):
+            break
+    assert len(arrivals) > 0 and not arrivals["transaction_id"].isin(carried["transaction_id"]).any()
+    write_labels(arrivals, tmp_path, later)
+    known = read_known_labels(tmp_path, until=later)
+    assert set(known["transaction_id"]) == set(carried["transaction_id"]) | set(arrivals["transaction_id"])
+    assert known["transaction_id"].is_unique
+    # As known at an earlier day: only the carried labels that had arrived by its end.
+    cut = day + dt.timedelta(days=7)
+    early = read_known_labels(tmp_path, until=cut)
+    assert set(early["transaction_id"]) == set(
+        carried.loc[carried["label_timestamp"] < pd.Timestamp(cut + dt.timedelta(days=1), tz="UTC"), "transaction_id"]
+    )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from ml_platform.defs import assets as a
+from ml_platform.defs import monitoring as m
 from ml_platform.defs.resources import MLflowRegistryResource, default_resources
 from ml_platform.settings import Settings, load_settings
 
@@ -24,11 +25,15 @@ ALL_ASSETS = [
     a.online_features,
     a.batch_predictions,
     a.prediction_log,
+    *m.MONITORING_ASSETS,
 ]
+MONITORING_SELECTION = dg.AssetSelection.assets("label_feed") | dg.AssetSelection.groups("monitoring")
 
 training_pipeline = dg.define_asset_job(
     "training_pipeline",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("batch_predictions", "prediction_log"),
+    selection=dg.AssetSelection.all()
+    - dg.AssetSelection.assets("batch_predictions", "prediction_log")
+    - MONITORING_SELECTION,
     description="End to end: raw events -> validation -> features -> training set -> train -> evaluate -> register.",
 )
 retrain_job = dg.define_asset_job(
@@ -76,6 +81,16 @@ drain_prediction_log_job = dg.define_asset_job(
 drain_prediction_log_schedule = dg.ScheduleDefinition(
     job=drain_prediction_log_job, cron_schedule="*/15 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING
 )
+daily_monitoring = dg.define_asset_job(
+    "daily_monitoring",
+    selection=MONITORING_SELECTION,
+    description="The day's label feed, then data drift, prediction drift, labelled performance and serving "
+    "health against the champion, and the dashboard with its HTML report (one day per run).",
+)
+# After the day's scoring (02:00): monitoring reads what scoring wrote.
+daily_monitoring_schedule = dg.build_schedule_from_partitioned_job(
+    daily_monitoring, hour_of_day=4, default_status=dg.DefaultScheduleStatus.RUNNING
+)
 
 
 def build_definitions(settings: Settings | None = None, event_source: dict | None = None) -> dg.Definitions:
@@ -84,8 +99,8 @@ def build_definitions(settings: Settings | None = None, event_source: dict | Non
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=[a.online_offline_skew],
-        jobs=[training_pipeline, retrain_job, rollback, daily_scoring, drain_prediction_log_job],
-        schedules=[daily_scoring_schedule, drain_prediction_log_schedule],
+        jobs=[training_pipeline, retrain_job, rollback, daily_scoring, drain_prediction_log_job, daily_monitoring],
+        schedules=[daily_scoring_schedule, drain_prediction_log_schedule, daily_monitoring_schedule],
         resources=default_resources(settings, **overrides),
     )
 
@@ -138,6 +153,46 @@ def run_training_pipeline(
         tags={RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()},
         raise_on_error=False,
     )
+    return _outcome(result)
+
+
+def run_daily_job(
+    settings: Settings,
+    job_name: str,
+    day: dt.date,
+    event_source: dict | None = None,
+    instance: dg.DagsterInstance | None = None,
+    log_level: str = "WARNING",
+    checks_fail: bool = True,
+    until: dt.date | None = None,
+) -> PipelineOutcome:
+    """Run a daily-partitioned job (`daily_scoring`, `daily_monitoring`) in this process for one
+    day (or, with `until`, the days day..until as one run: `daily_scoring`'s assets take a range),
+    recorded in the Dagster instance at DAGSTER_HOME so it shows in the UI."""
+    defs = build_definitions(settings, event_source)
+    job = defs.resolve_job_def(job_name)
+    selected: dict = {"partition_key": day.isoformat()}
+    if until is not None and until != day:
+        selected = {"tags": {RANGE_START_TAG: day.isoformat(), RANGE_END_TAG: until.isoformat()}}
+    result = job.execute_in_process(
+        instance=instance or dg.DagsterInstance.get(),
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        raise_on_error=False,
+        **selected,
+    )
+    return _outcome(result, all_metadata=True, checks_fail=checks_fail)
+
+
+def run_monitoring(settings: Settings, day: dt.date, event_source: dict | None = None,
+                   instance: dg.DagsterInstance | None = None) -> PipelineOutcome:
+    """`daily_monitoring` for one day (see run_daily_job)."""
+    return run_daily_job(settings, "daily_monitoring", day, event_source, instance, checks_fail=False)
+
+
+def _outcome(result, all_metadata: bool = False, checks_fail: bool = True) -> PipelineOutcome:
+    """What a run did: success, the first user error (not Dagster's wrapper), the summary
+    metadata of each materialization (every key if `all_metadata`), the checks' results (a failed
+    check is the run's `failure` if `checks_fail`: not for monitoring, whose checks report drift)."""
     failure = ""
     metadata: dict = {}
     checks: dict = {}
@@ -150,13 +205,13 @@ def run_training_pipeline(
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             checks[evaluation.check_name] = evaluation.passed
-            if not evaluation.passed:
+            if not evaluation.passed and checks_fail:
                 failure = f"check {evaluation.check_name} failed: {evaluation.description}"
         elif event.is_step_materialization:
             mat = event.step_materialization_data.materialization
             key = mat.asset_key.to_user_string()
             wanted = _SUMMARY_KEYS.get(key, ())
-            shown = {k: _plain(v) for k, v in mat.metadata.items() if k in wanted}
+            shown = {k: _plain(v) for k, v in mat.metadata.items() if all_metadata or k in wanted}
             if shown:
                 metadata[key] = shown
     return PipelineOutcome(success=result.success, run_id=result.run_id, failure=failure, metadata=metadata, checks=checks)

@@ -98,7 +98,8 @@ class EventSourceResource(dg.ConfigurableResource):
     """Where raw transaction events come from: the synthetic generator or the user's own files.
 
     kind="synthetic": generated from `seed` (optionally with a drift scenario from `drift_start`);
-    kind="files": imported from `import_path` (a Parquet/CSV file or directory with the raw columns).
+    kind="files": imported from `import_path` (a Parquet/CSV file or directory with the raw columns),
+    labels from `labels_path` (files with transaction_id, merchant_id, is_fraud, label_timestamp).
     """
 
     kind: str = "synthetic"
@@ -108,6 +109,7 @@ class EventSourceResource(dg.ConfigurableResource):
     txns_per_user_per_day: float = SyntheticDefaults.txns_per_user_per_day
     drift_start: str | None = None
     import_path: str | None = None
+    labels_path: str | None = None
 
     def generator_config(self, start: dt.date, days: int, as_of: dt.datetime | None = None):
         from ml_platform.sources.generator import DriftScenario, GeneratorConfig
@@ -125,11 +127,45 @@ class EventSourceResource(dg.ConfigurableResource):
         )
 
 
+class MonitoringResource(dg.ConfigurableResource):
+    """Monitoring's configuration: the thresholds file (TOML; None: the defaults) and where the
+    API's Prometheus metrics are (for the error rate; None or unreachable: the log alone)."""
+
+    config_path: str | None = None
+    api_metrics_url: str | None = None
+
+    def config(self):
+        from ml_platform.monitoring.config import MonitoringConfig, load_monitoring_config
+
+        return load_monitoring_config(self.config_path) if self.config_path else MonitoringConfig()
+
+    def inputs(self, feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource):
+        """The plain-Python monitoring inputs of this deployment."""
+        from ml_platform.monitoring.daily import MonitoringInputs
+
+        paths = feature_store._settings_paths()
+        return MonitoringInputs(
+            registry=mlflow.registry(),
+            raw_dir=paths.raw_dir,
+            predictions_log_dir=paths.predictions_log_dir,
+            monitoring_dir=paths.monitoring_dir,
+            data_dir=feature_store.data_dir,
+            config=self.config(),
+            store=feature_store.store(),
+            api_metrics_url=self.api_metrics_url,
+        )
+
+    def reports_dir(self, feature_store: FeatureStoreResource) -> Path:
+        return feature_store._settings_paths().reports_dir
+
+
 def default_resources(settings: Settings | None = None, **source_overrides) -> dict:
     """Resources built from settings (env vars with embedded defaults)."""
     settings = settings or load_settings()
     if settings.events_path and "kind" not in source_overrides:  # ML_PLATFORM_EVENTS_PATH: the user's files
         source_overrides = {"kind": "files", "import_path": str(settings.events_path.expanduser().resolve())}
+        if settings.labels_path:
+            source_overrides["labels_path"] = str(settings.labels_path.expanduser().resolve())
     kind = source_overrides.get("kind", "synthetic")
     if kind not in EVENT_SOURCE_KINDS:
         raise ValueError(f"event_source kind must be one of {EVENT_SOURCE_KINDS}, got {kind!r}")
@@ -144,4 +180,8 @@ def default_resources(settings: Settings | None = None, **source_overrides) -> d
             promotion_margin=settings.promotion_margin,
         ),
         "event_source": EventSourceResource(**source_overrides),
+        "monitoring": MonitoringResource(
+            config_path=str(settings.monitoring_config) if settings.monitoring_config else None,
+            api_metrics_url=settings.api_metrics_url,
+        ),
     }

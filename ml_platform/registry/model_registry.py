@@ -95,9 +95,11 @@ class ModelRegistry:
         training_frame_sample: pd.DataFrame | None = None,
         run_name: str | None = None,
         who: str | None = None,
+        artifact_dirs: dict[str, Path] | None = None,
     ) -> RegisteredVersion:
         """Log one MLflow run (params incl. the model type, metrics, lineage tags, the model,
-        contract.json), register it as a new version and point the `challenger` alias at it."""
+        contract.json, and each of `artifact_dirs` as the artifact folder of its name), register it
+        as a new version and point the `challenger` alias at it."""
         code_version = code_version or lineage.current_code_version()
         tags = {"data_version": data_version, "code_version": code_version, "model_type": contract.model_type}
         with (
@@ -131,6 +133,8 @@ class ModelRegistry:
             )
             mlflow.log_text(json.dumps(metrics, indent=2, default=lineage.json_default), "metrics.json")
             mlflow.log_text(contract.to_json(), CONTRACT_FILE)
+            for artifact_path, local_dir in (artifact_dirs or {}).items():
+                mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
 
             example = None
             signature = None
@@ -297,6 +301,16 @@ class ModelRegistry:
             path = self.client.download_artifacts(run_id, CONTRACT_FILE, tmp)
             contract = ModelContract.from_json(Path(path).read_text())
         return contract.with_registration(self.model_name, version)
+
+    def download_run_artifacts(self, alias_or_version: int | str, artifact_path: str, dst: Path) -> Path | None:
+        """The artifact folder `artifact_path` of a version's run, downloaded into `dst` (None if
+        the run has no such folder, e.g. a version registered before it was logged)."""
+        version = self._resolve(alias_or_version)
+        run_id = self.client.get_model_version(self.model_name, str(version)).run_id
+        if not self.client.list_artifacts(run_id, artifact_path):
+            return None
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
 
     def load_model(self, alias_or_version: int | str) -> tuple[Any, ModelContract]:
         """The scikit-learn model of a version (or alias) and its contract.

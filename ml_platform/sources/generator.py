@@ -125,7 +125,7 @@ class GeneratorConfig:
     start: date = date(2024, 1, 1)
     days: int = 30
     fraud_rate: float = 0.008  # target share of fraudulent transactions
-    label_maturity_days: int = 7  # a legit label is confirmed this long after the event
+    label_maturity_days: int = SyntheticDefaults.label_maturity_days  # a legit label is confirmed this long after
     as_of: datetime | None = None  # labels arriving later are NULL; default: end of the last day
     drift: DriftScenario | None = None
     chunk_rows: int = 500_000  # a day larger than this is produced (and written) in several parts

@@ -179,3 +179,34 @@ def read_labels(raw_dir: str | Path, *, until: date | str | None = None, since: 
             f"ORDER BY {fr.LABEL_TS}, transaction_id"
         ).to_arrow_table()
     return table.cast(LABELS_ARROW_SCHEMA).to_pandas()
+
+
+def read_known_labels(raw_dir: str | Path, *, until: date | str, events_since: date | str | None = None) -> pd.DataFrame:
+    """Every label known by the end of `until`: the feed's arrivals up to that day, and the labels
+    the raw events already carried when they were written (an import or a history generated at
+    once holds the labels known then), for events from `events_since` on. One row per
+    transaction, the latest label winning."""
+    from ml_platform.sources import raw_events
+
+    until = parse_date(until, "until")
+    feed = read_labels(raw_dir, until=until)
+    days = raw_events.all_partition_days(raw_dir)
+    if events_since is not None:
+        days = [d for d in days if d >= parse_date(events_since, "events_since")]
+    days = [d for d in days if d <= until]
+    if not days:
+        return feed
+    end = pd.Timestamp(until + timedelta(days=1), tz="UTC")
+    files = ", ".join(
+        "'" + str(raw_events.transactions_partition(raw_dir, d) / "*.parquet").replace("'", "''") + "'" for d in days
+    )
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        table = con.sql(
+            f"SELECT {', '.join(LABEL_COLUMNS)} FROM read_parquet([{files}]) "
+            f"WHERE {fr.LABEL} IS NOT NULL AND {fr.LABEL_TS} < '{end.isoformat()}'::TIMESTAMPTZ"
+        ).to_arrow_table()
+    carried = table.cast(LABELS_ARROW_SCHEMA).to_pandas()
+    both = pd.concat([carried, feed], ignore_index=True) if len(feed) else carried
+    both = both.sort_values([fr.LABEL_TS, "transaction_id"], kind="stable")
+    return both.drop_duplicates("transaction_id", keep="last").reset_index(drop=True)

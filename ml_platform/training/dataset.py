@@ -25,6 +25,32 @@ class HistoricalFeatureSource(Protocol):
     ) -> pd.DataFrame: ...
 
 
+def events_with_features(
+    store: HistoricalFeatureSource, events: pd.DataFrame, feature_refs: Sequence[str]
+) -> pd.DataFrame:
+    """`events` (raw transaction columns) with their model features: looked up as of just before
+    each `event_timestamp` (`features.feature_lookup_time`, the state serving sees), then the
+    request-time features. Same rows, same order. Training and monitoring's "the day's inputs
+    when nothing was served" both build features here."""
+    events = events.copy()
+    events[EVENT_TS] = pd.to_datetime(events[EVENT_TS], utc=True)
+    lookup = events.copy()
+    lookup[EVENT_TS] = feature_lookup_time(events[EVENT_TS])
+    frame = store.get_historical_features(lookup, list(feature_refs), full_feature_names=False)
+    if len(frame) != len(events):
+        raise RuntimeError(
+            f"Feature store returned {len(frame)} rows for {len(events)} events; "
+            "get_historical_features must return exactly one row per entity row"
+        )
+    lost = [c for c in events.columns if c not in frame.columns]
+    if lost:
+        raise RuntimeError(
+            f"Feature store dropped entity columns {lost}; it must pass entity_df columns through"
+        )
+    frame[EVENT_TS] = events[EVENT_TS].array  # positional: the store keeps row order
+    return add_request_features(frame)
+
+
 def build_training_frame(
     store: HistoricalFeatureSource, labelled_events: pd.DataFrame, feature_refs: Sequence[str]
 ) -> pd.DataFrame:
@@ -46,23 +72,8 @@ def build_training_frame(
             f"No labelled events: every row has {LABEL!r} null (labels have not arrived yet); "
             "generate or wait for labelled data before training"
         )
-    labelled[EVENT_TS] = pd.to_datetime(labelled[EVENT_TS], utc=True)
     labelled[LABEL_TS] = pd.to_datetime(labelled[LABEL_TS], utc=True)
-    lookup = labelled.copy()
-    lookup[EVENT_TS] = feature_lookup_time(labelled[EVENT_TS])
-    frame = store.get_historical_features(lookup, list(feature_refs), full_feature_names=False)
-    if len(frame) != len(labelled):
-        raise RuntimeError(
-            f"Feature store returned {len(frame)} rows for {len(labelled)} labelled events; "
-            "get_historical_features must return exactly one row per entity row"
-        )
-    lost = [c for c in labelled.columns if c not in frame.columns]
-    if lost:
-        raise RuntimeError(
-            f"Feature store dropped entity columns {lost}; it must pass entity_df columns through"
-        )
-    frame[EVENT_TS] = labelled[EVENT_TS].array  # positional: the store keeps row order
-    frame = add_request_features(frame)
+    frame = events_with_features(store, labelled, feature_refs)
     frame[LABEL] = frame[LABEL].astype("int64")
     sort_keys = [EVENT_TS] + (["transaction_id"] if "transaction_id" in frame.columns else [])
     return frame.sort_values(sort_keys, kind="mergesort").reset_index(drop=True)

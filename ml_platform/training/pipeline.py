@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from typing import Any
 import pandas as pd
 
 from ml_platform import features as fr
+from ml_platform.monitoring.reference import ARTIFACT_DIR as REFERENCE_ARTIFACT_DIR
+from ml_platform.monitoring.reference import build_reference
 from ml_platform.settings import DEFAULT_PROMOTION_MARGIN, DEFAULT_PROMOTION_METRIC
 from ml_platform.sources import raw_events
 from ml_platform.training.contract import ModelContract
@@ -204,10 +207,15 @@ def register_candidate(data_dir: Path, registry, metric: str = DEFAULT_PROMOTION
     flat = {**_numeric_metrics(evaluation["test"]), **_numeric_metrics(evaluation["validation"], "val_"),
             "train_seconds": info["train_seconds"]}
     code_version = code_version or current_code_version()
-    registered = registry.log_and_register(
-        model, contract, metrics=flat, params=info["params"], data_version=version, code_version=code_version,
-        training_frame_sample=test.head(5), run_name=f"train-{contract.model_type}-{version}", who=who,
-    )
+    # What monitoring compares the model's serving days with, stored with the model itself.
+    reference = build_reference(model, contract, frame, evaluation["test"], data_version=version)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference_dir = reference.save(Path(tmp) / REFERENCE_ARTIFACT_DIR)
+        registered = registry.log_and_register(
+            model, contract, metrics=flat, params=info["params"], data_version=version, code_version=code_version,
+            training_frame_sample=test.head(5), run_name=f"train-{contract.model_type}-{version}", who=who,
+            artifact_dirs={REFERENCE_ARTIFACT_DIR: reference_dir},
+        )
     decision = registry.promote_if_better(
         registered.version, test, metric=metric, margin=margin, who=who,
         why=f"training run {registered.run_id} on data {version}",
