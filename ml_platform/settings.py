@@ -76,11 +76,13 @@ class Settings(BaseSettings):
 
     # A TOML file overriding monitoring thresholds ([drift], [prediction], [performance], [serving]).
     monitoring_config: Path | None = Field(default=None, validation_alias="ML_PLATFORM_MONITORING_CONFIG")
+    # A TOML file overriding the cost asset's unit prices ([prices]).
+    cost_config: Path | None = Field(default=None, validation_alias="ML_PLATFORM_COST_CONFIG")
     # The API's Prometheus endpoint, read by serving_health for the error rate (unset: the log alone).
     api_metrics_url: str | None = Field(default=None, validation_alias="ML_PLATFORM_API_METRICS_URL")
 
     @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", "labels_path",
-                     "monitoring_config", "api_metrics_url", mode="before")
+                     "monitoring_config", "cost_config", "api_metrics_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -42,7 +42,7 @@ def test_definitions_load_with_the_whole_graph():
     # training_pipeline is everything but batch scoring, the log drain and monitoring.
     job = defs.resolve_job_def("training_pipeline")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert selected == keys - {"batch_predictions", "prediction_log"} - monitoring
+    assert selected == keys - {"batch_predictions", "prediction_log", "cost_report"} - monitoring
     job = defs.resolve_job_def("daily_monitoring")
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == monitoring
     checks = {spec.name: spec.blocking for spec in a.raw_transactions.check_specs}
@@ -100,8 +100,13 @@ def test_schedules_ship_running():
     assert statuses == {
         "daily_scoring_schedule": dg.DefaultScheduleStatus.RUNNING,
         "drain_prediction_log_schedule": dg.DefaultScheduleStatus.RUNNING,
-        "daily_monitoring_schedule": dg.DefaultScheduleStatus.RUNNING,
+        "cost_reporting_schedule": dg.DefaultScheduleStatus.RUNNING,
     }
+    # Monitoring follows each successful scoring run (a run-status sensor), the retrain sensor
+    # follows monitoring; both ship running too.
+    sensors = {s.name: s.default_status for s in defs.sensors}
+    assert sensors == {"monitor_after_scoring": dg.DefaultSensorStatus.RUNNING,
+                       "retrain_sensor": dg.DefaultSensorStatus.RUNNING}
 
 
 @pytest.fixture(scope="module")

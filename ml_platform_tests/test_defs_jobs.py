@@ -139,6 +139,20 @@ def test_daily_scoring_schedule_run_ingests_refreshes_and_scores_yesterday(tiny_
     assert meta["batch_predictions"]["model_version"] == champion.version
     assert meta["online_features"]["rows_written"] > 0
 
+    # The chain: the scoring run's success requests the monitoring of the same day.
+    from ml_platform.defs.pipeline import monitor_after_scoring
+
+    run = instance.get_run_by_id(result.run_id)
+    success = next(e for e in result.all_events if e.event_type_value == "PIPELINE_SUCCESS")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=monitor_after_scoring.name, dagster_event=success, dagster_instance=instance, dagster_run=run
+    )
+    chained = monitor_after_scoring(context)
+    assert isinstance(chained, dg.RunRequest)
+    assert chained.partition_key == _yesterday().isoformat()
+    assert chained.tags["ml_platform/scoring_run"] == result.run_id
+    assert monitor_after_scoring.job_name == "daily_monitoring"
+
 
 def test_batch_predictions_materializes_a_range_of_days_in_one_run(tiny_platform, instance):
     from ml_platform.serving.scoring import load_champion

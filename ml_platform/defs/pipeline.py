@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from ml_platform.defs import assets as a
+from ml_platform.defs import cost as c
 from ml_platform.defs import monitoring as m
 from ml_platform.defs.resources import MLflowRegistryResource, default_resources
+from ml_platform.defs.sensors import retrain_sensor
 from ml_platform.settings import Settings, load_settings
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -26,6 +28,7 @@ ALL_ASSETS = [
     a.batch_predictions,
     a.prediction_log,
     *m.MONITORING_ASSETS,
+    c.cost_report,
 ]
 MONITORING_SELECTION = dg.AssetSelection.assets("label_feed") | dg.AssetSelection.groups("monitoring")
 
@@ -33,7 +36,8 @@ training_pipeline = dg.define_asset_job(
     "training_pipeline",
     selection=dg.AssetSelection.all()
     - dg.AssetSelection.assets("batch_predictions", "prediction_log")
-    - MONITORING_SELECTION,
+    - MONITORING_SELECTION
+    - dg.AssetSelection.groups("cost"),
     description="End to end: raw events -> validation -> features -> training set -> train -> evaluate -> register.",
 )
 retrain_job = dg.define_asset_job(
@@ -87,9 +91,33 @@ daily_monitoring = dg.define_asset_job(
     description="The day's label feed, then data drift, prediction drift, labelled performance and serving "
     "health against the champion, and the dashboard with its HTML report (one day per run).",
 )
-# After the day's scoring (02:00): monitoring reads what scoring wrote.
-daily_monitoring_schedule = dg.build_schedule_from_partitioned_job(
-    daily_monitoring, hour_of_day=4, default_status=dg.DefaultScheduleStatus.RUNNING
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[daily_scoring],
+    request_job=daily_monitoring,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="When a day's scoring succeeds, monitor that day: the daily chain ingest -> features "
+    "offline and online -> batch scoring -> monitoring, as two chained runs.",
+)
+def monitor_after_scoring(context: dg.RunStatusSensorContext):
+    run = context.dagster_run
+    day = run.tags.get("dagster/partition") or run.tags.get(RANGE_END_TAG)
+    if not day:
+        return dg.SkipReason(f"run {run.run_id} scored no single day (tags {sorted(run.tags)}): nothing to monitor")
+    return dg.RunRequest(run_key=f"monitor:{day}:{run.run_id}", partition_key=day,
+                         tags={"ml_platform/scoring_run": run.run_id})
+
+
+cost_reporting = dg.define_asset_job(
+    "cost_reporting",
+    selection=dg.AssetSelection.assets("cost_report"),
+    description="Training vs serving cost per model version and per 1,000 predictions (batch, online, stream).",
+)
+# After the day's scoring (02:00) and its monitoring.
+cost_reporting_schedule = dg.ScheduleDefinition(
+    job=cost_reporting, cron_schedule="0 5 * * *", default_status=dg.DefaultScheduleStatus.RUNNING
 )
 
 
@@ -99,8 +127,10 @@ def build_definitions(settings: Settings | None = None, event_source: dict | Non
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=[a.online_offline_skew],
-        jobs=[training_pipeline, retrain_job, rollback, daily_scoring, drain_prediction_log_job, daily_monitoring],
-        schedules=[daily_scoring_schedule, drain_prediction_log_schedule, daily_monitoring_schedule],
+        jobs=[training_pipeline, retrain_job, rollback, daily_scoring, drain_prediction_log_job, daily_monitoring,
+              cost_reporting],
+        schedules=[daily_scoring_schedule, drain_prediction_log_schedule, cost_reporting_schedule],
+        sensors=[monitor_after_scoring, retrain_sensor],
         resources=default_resources(settings, **overrides),
     )
 

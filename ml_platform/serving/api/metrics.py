@@ -16,10 +16,11 @@ class ServingMetrics:
     """The Prometheus metrics of one app (own registry, so several apps can live in one process)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total: the cost asset's serving CPU
         self.http_requests = Counter(
             "ml_platform_http_requests",
             "HTTP requests by route and status code",
