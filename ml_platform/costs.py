@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -112,14 +111,9 @@ def load_unit_prices(path: str | Path | None = None) -> UnitPrices:
         path = load_settings().cost_config
     if path is None:
         return UnitPrices()
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{COST_CONFIG_ENV} names {path}, which does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    return unit_prices_from_dict(data, source=str(path))
+    from ml_platform.toml_files import read_toml
+
+    return unit_prices_from_dict(read_toml(path, COST_CONFIG_ENV), source=str(path))
 
 
 # --------------------------------------------------------------------------- measured compute

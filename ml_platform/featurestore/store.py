@@ -27,6 +27,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from ml_platform.atomic_files import write_text_atomic
 from ml_platform.featurestore import offline
 from ml_platform.featurestore.aggregation import compile_aggregation_sql, source_columns
 from ml_platform.featurestore.definitions import (
@@ -362,11 +363,7 @@ class FeatureStore:
             "entities": [_entity_to_dict(e) for e in self._entities.values()],
             "feature_views": [_view_to_dict(v) for v in self._views.values()],
         }
-        self.repo_path.mkdir(parents=True, exist_ok=True)
-        path = self.repo_path / REGISTRY_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_text_atomic(self.repo_path / REGISTRY_FILE, json.dumps(doc, indent=2, sort_keys=True))
 
     def _load_registry(self, path: Path) -> None:
         try:

@@ -18,7 +18,6 @@ An unknown section or key, or a value of the wrong type, is an error naming it.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,11 +176,6 @@ def load_monitoring_config(path: str | Path | None = None) -> MonitoringConfig:
         path = load_settings().monitoring_config
     if path is None:
         return MonitoringConfig()
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"ML_PLATFORM_MONITORING_CONFIG names {path}, which does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    return monitoring_config_from_dict(data, source=str(path))
+    from ml_platform.toml_files import read_toml
+
+    return monitoring_config_from_dict(read_toml(path, "ML_PLATFORM_MONITORING_CONFIG"), source=str(path))

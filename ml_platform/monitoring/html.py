@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from html import escape as _escape_text
 from numbers import Integral, Real
@@ -487,12 +486,6 @@ def write_report(path: str | os.PathLike, html: str) -> Path:
     the parent folders; returns the path."""
     if not isinstance(html, str):
         raise TypeError(f"html must be a str, got {type(html).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from ml_platform.atomic_files import write_text_atomic
+
+    return write_text_atomic(path, html)

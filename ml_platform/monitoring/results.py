@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+from ml_platform.atomic_files import write_text_atomic
 from ml_platform.monitoring.status import STATUSES
 
 
@@ -72,14 +71,7 @@ def results_dir(monitoring_dir: str | Path, monitor: str) -> Path:
 def save_result(monitoring_dir: str | Path, result: MonitorResult) -> Path:
     """Write the result as <monitoring_dir>/results/<monitor>/<day>.json (temp file, then rename)."""
     path = results_dir(monitoring_dir, result.monitor) / f"{result.day}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, json.dumps(result.to_dict(), indent=1, allow_nan=False))
 
 
 def load_result(monitoring_dir: str | Path, monitor: str, day: date | str) -> MonitorResult | None:

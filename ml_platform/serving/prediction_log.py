@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ml_platform.atomic_files import write_parquet_atomic
 from ml_platform.serving.prediction_log_writer import (  # the API's side, re-exported
     DEFAULT_MAXLEN,
     ENTRY_FIELD,
@@ -214,13 +215,7 @@ def legacy_table(table: pa.Table, source: str = "api") -> pa.Table:
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write a Parquet file: a temp file next to it, then rename (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet_atomic(path, table)
 
 
 class DayFileWriter:

@@ -18,8 +18,6 @@ and any one changed alone would change every later draw of the day.
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -29,8 +27,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from ml_platform.atomic_files import write_parquet_atomic
 from ml_platform.settings import SyntheticDefaults
 from ml_platform.sources.population import (
     BASE_CATEGORIES,
@@ -497,17 +495,8 @@ def write_range(
 
 def write_users(config: GeneratorConfig, raw_dir: str | Path) -> Path:
     """Write raw_dir/users/users.parquet atomically (temp file, then rename)."""
-    path = Path(raw_dir) / "users" / "users.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".users-{uuid.uuid4().hex}.parquet.tmp")
-    try:
-        pq.write_table(
-            pa.Table.from_pandas(generate_users(config), schema=USERS_ARROW_SCHEMA, preserve_index=False), tmp
-        )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    table = pa.Table.from_pandas(generate_users(config), schema=USERS_ARROW_SCHEMA, preserve_index=False)
+    return write_parquet_atomic(Path(raw_dir) / "users" / "users.parquet", table, compression="snappy")
 
 
 def write_dataset(config: GeneratorConfig, raw_dir: str | Path) -> list[Path]:

@@ -16,8 +16,6 @@ or CSV with the contract's columns, split by the day each label arrived).
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -25,9 +23,9 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ml_platform import features as fr
+from ml_platform.atomic_files import write_parquet_atomic
 from ml_platform.sources.files import EventsFormatError, _event_files, _read_file, _to_int, _to_label, _to_utc
 from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA, parse_date
 from ml_platform.transactions import LABEL_EVENT, LABEL_EVENT_OPTIONAL
@@ -137,18 +135,9 @@ def write_labels(frame: pd.DataFrame, raw_dir: str | Path, day: date | str) -> P
     if outside.any():
         example = frame.loc[outside, fr.LABEL_TS].iloc[0]
         raise ValueError(f"labels for {day}: {int(outside.sum())} label(s) arrived on another day, e.g. {example}")
-    path = labels_partition(raw_dir, day) / "labels.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Timestamps in the schema's unit first: pyarrow's own conversion of other units warns in pandas 3.
     frame = frame[list(LABEL_COLUMNS)].astype({fr.LABEL_TS: "datetime64[us, UTC]"})
     table = pa.Table.from_pandas(frame, schema=LABELS_ARROW_SCHEMA, preserve_index=False)
-    tmp = path.with_name(f".labels-{uuid.uuid4().hex}.parquet.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_parquet_atomic(labels_partition(raw_dir, day) / "labels.parquet", table)
 
 
 def label_days(raw_dir: str | Path) -> list[date]:

@@ -14,10 +14,8 @@ the Dagster assets that call these functions stay a few lines each:
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from ml_platform import features as fr
+from ml_platform.atomic_files import write_atomic
 from ml_platform.monitoring.reference import ARTIFACT_DIR as REFERENCE_ARTIFACT_DIR
 from ml_platform.monitoring.reference import build_reference
 from ml_platform.settings import DEFAULT_PROMOTION_MARGIN, DEFAULT_PROMOTION_METRIC
@@ -45,15 +44,7 @@ def training_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "training"
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+_atomic_write = write_atomic  # every step's result: temp file, then rename
 
 
 def _need(path: Path, step: str) -> Path:
