@@ -204,7 +204,7 @@ def monitoring_dashboard(context: dg.AssetExecutionContext, feature_store: Featu
     from ml_platform.monitoring.dashboard import Dashboard
     from ml_platform.monitoring.results import load_result
 
-    monitoring_dir = feature_store._settings_paths().monitoring_dir
+    monitoring_dir = feature_store.paths.monitoring_dir
     reports_dir = monitoring.reports_dir(feature_store)
     config = monitoring.config()
     day = _day(context)

@@ -62,21 +62,23 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
     @property
     def raw_dir(self) -> Path:
-        return self._settings_paths().raw_dir
+        return self.paths.raw_dir
 
     @property
     def predictions_log_dir(self) -> Path:
         """Where the prediction log is drained to (Settings.predictions_log_dir of this data dir)."""
-        return self._settings_paths().predictions_log_dir
+        return self.paths.predictions_log_dir
 
     @property
     def predictions_db(self) -> Path:
         """The DuckDB database batch scoring publishes to (`predictions` table)."""
         return self.data_dir / PREDICTIONS_DB_NAME
 
-    def _settings_paths(self) -> Settings:
-        # The layout under a data dir is Settings' (raw_dir, predictions_log_dir, ...): only the
-        # path properties are read, so no environment is consulted (model_construct validates nothing).
+    @property
+    def paths(self) -> Settings:
+        """The layout under this data dir (Settings' raw_dir, predictions_log_dir, monitoring_dir,
+        reports_dir, ...): only the path properties are meant to be read, so no environment is
+        consulted (model_construct validates nothing)."""
         return Settings.model_construct(data_dir=self.data_dir.resolve())
 
 
@@ -143,7 +145,7 @@ class MonitoringResource(dg.ConfigurableResource):
         """The plain-Python monitoring inputs of this deployment."""
         from ml_platform.monitoring.daily import MonitoringInputs
 
-        paths = feature_store._settings_paths()
+        paths = feature_store.paths
         return MonitoringInputs(
             registry=mlflow.registry(),
             raw_dir=paths.raw_dir,
@@ -156,7 +158,7 @@ class MonitoringResource(dg.ConfigurableResource):
         )
 
     def reports_dir(self, feature_store: FeatureStoreResource) -> Path:
-        return feature_store._settings_paths().reports_dir
+        return feature_store.paths.reports_dir
 
 
 def default_resources(settings: Settings | None = None, **source_overrides) -> dict:

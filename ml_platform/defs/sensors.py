@@ -69,7 +69,7 @@ def evaluate_retrain(instance: dg.DagsterInstance, cursor: str | None, feature_s
     """One evaluation of the sensor, outside Dagster's decorator (the sensor and the tests call it)."""
     from ml_platform.monitoring.results import load_result, results_dir
 
-    paths = feature_store._settings_paths()
+    paths = feature_store.paths
     try:
         state = rp.parse_state(json.loads(cursor) if cursor else None)
     except (ValueError, TypeError) as exc:
