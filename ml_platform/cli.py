@@ -109,18 +109,22 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
 
 
 SCORED_DAYS = 14  # the demo scores the last two weeks: labelled performance has mature days to show
+MONITORED_DAYS = 7  # ... and monitors the last week, a run per day: the UI plots each figure over them
 
 
 def _score_and_monitor(settings: Settings, day: dt.date, event_source: dict) -> None:
     """The daily half of the lifecycle: score the last SCORED_DAYS days up to `day` in batch (one
-    daily_scoring run), then monitor `day` (daily_monitoring); prints the dashboard. Exits 1 if a
-    run fails."""
+    daily_scoring run), then monitor each of the last MONITORED_DAYS days (a daily_monitoring run
+    each, oldest first); prints the last day's dashboard. Exits 1 if a run fails."""
     from ml_platform.defs.pipeline import run_daily_job, run_monitoring
 
     first = day - dt.timedelta(days=SCORED_DAYS - 1)
-    click.echo(f"\nScoring {first} .. {day} in batch, then monitoring {day} ...")
-    for outcome in (run_daily_job(settings, "daily_scoring", first, event_source, until=day),
-                    run_monitoring(settings, day, event_source)):
+    monitored = [day - dt.timedelta(days=i) for i in range(MONITORED_DAYS - 1, -1, -1)]
+    click.echo(f"\nScoring {first} .. {day} in batch, then monitoring {monitored[0]} .. {day} ...")
+    runs = [lambda: run_daily_job(settings, "daily_scoring", first, event_source, until=day)]
+    runs += [lambda d=d: run_monitoring(settings, d, event_source) for d in monitored]
+    for run in runs:
+        outcome = run()
         if not outcome.success:
             click.echo(f"The run {outcome.run_id} failed: {outcome.failure}", err=True)
             sys.exit(1)

@@ -144,3 +144,18 @@ def test_the_html_report_renders_and_shows_the_alert(monitored, tmp_path):
     # The drifted day's page is covered in alert red (badges, bars); the quiet day's is not.
     assert shares[DRIFTED] > 0.002, shares
     assert shares[QUIET] < shares[DRIFTED] / 4, shares
+
+
+def test_a_day_nothing_was_served_for_is_monitored_on_its_raw_events_features(monitored):
+    """The last training day was never scored: data drift builds its inputs from the raw events
+    with their point-in-time features (as training does), and finds the same world."""
+    from ml_platform.defs.resources import default_resources
+    from ml_platform.monitoring.daily import run_data_drift
+
+    settings, _, _ = monitored
+    resources = default_resources(settings, **SOURCE)
+    inputs = resources["monitoring"].inputs(resources["feature_store"], resources["mlflow"])
+    result, report = run_data_drift(inputs, END)
+    assert result.details["source"].startswith("nothing served: the day's raw events")
+    assert result.metrics["rows"] == runs_rows(settings, END)
+    assert report.status != "alert", report.summary()
