@@ -147,3 +147,32 @@ def test_known_labels_are_the_raw_events_labels_plus_the_feeds_arrivals(tmp_path
     assert set(early["transaction_id"]) == set(
         carried.loc[carried["label_timestamp"] < pd.Timestamp(cut + dt.timedelta(days=1), tz="UTC"), "transaction_id"]
     )
+
+
+def test_training_sees_labels_that_arrived_after_the_day_was_ingested(tmp_path):
+    """A day ingested at its end carries almost no labels; the chargebacks and matured legit labels
+    that the feed delivers later are what a retrain learns from (labelled_events joins both)."""
+    from ml_platform.sources.generator import write_day
+    from ml_platform.sources.raw_events import labelled_events, latest_label_time
+
+    config = dataclasses.replace(CONFIG, n_users=2000, fraud_rate=0.05)
+    day = FIRST + dt.timedelta(days=3)
+    end_of_day = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+    write_day(dataclasses.replace(config, as_of=end_of_day), day, tmp_path)
+    assert labelled_events(tmp_path, end_of_day + dt.timedelta(days=30)).empty  # nothing carried
+    arrivals = {}
+    for offset in range(1, 12):
+        arrival_day = day + dt.timedelta(days=offset)
+        frame = synthetic_label_arrivals(config, arrival_day, first_event_day=day)
+        write_labels(frame, tmp_path, arrival_day)
+        arrivals[arrival_day] = frame
+    cut = dt.datetime.combine(day + dt.timedelta(days=9), dt.time(12), dt.UTC)
+    got = labelled_events(tmp_path, cut)
+    every = pd.concat(arrivals.values(), ignore_index=True)
+    ingested = every["transaction_id"].str.startswith(f"{day:%Y%m%d}-")  # only `day` was ingested
+    expected = every[ingested & (every["label_timestamp"] <= pd.Timestamp(cut))]
+    assert sorted(got["transaction_id"]) == sorted(expected["transaction_id"])
+    merged = got.merge(expected, on="transaction_id", suffixes=("", "_feed"))
+    assert (merged["is_fraud"] == merged["is_fraud_feed"]).all()
+    assert got["is_fraud"].sum() > 0 and (got["is_fraud"] == 0).sum() > 0  # chargebacks and legit labels
+    assert latest_label_time(tmp_path) == every["label_timestamp"].max()

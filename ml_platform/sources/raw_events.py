@@ -140,31 +140,54 @@ def all_partition_days(raw_dir: Path) -> list[dt.date]:
     return days
 
 
+def _label_feed_glob(raw_dir: Path) -> str | None:
+    """The label feed's files (raw/labels/date=*/labels.parquet), if any (see sources.labels)."""
+    root = Path(raw_dir) / "labels"
+    return str(root / "*" / "*.parquet") if any(root.glob("date=*/*.parquet")) else None
+
+
 def labelled_events(raw_dir: Path, as_of: dt.datetime) -> pd.DataFrame:
-    """Events whose label had arrived by `as_of` (label_timestamp <= as_of), oldest first."""
+    """Events whose label had arrived by `as_of`, oldest first, with that label: the label the raw
+    event carried when it was written, or a later one from the label feed (a chargeback arriving
+    after the day was ingested); the latest arrival by `as_of` wins."""
     days = all_partition_days(raw_dir)
     if not days:
         raise FileNotFoundError(
             f"no raw transactions under {Path(raw_dir) / 'transactions'}: materialize raw_transactions first"
         )
     glob = Path(raw_dir) / "transactions" / "*" / "*.parquet"
+    feed = _label_feed_glob(raw_dir)
+    arrived = (
+        f"SELECT transaction_id, {fr.LABEL}, {fr.LABEL_TS} FROM read_parquet('{glob}', hive_partitioning = true) "
+        f"WHERE {fr.LABEL} IS NOT NULL AND {fr.LABEL_TS} <= $as_of"
+    )
+    if feed:
+        arrived += (f" UNION ALL SELECT transaction_id, {fr.LABEL}, {fr.LABEL_TS} FROM read_parquet('{feed}') "
+                    f"WHERE {fr.LABEL_TS} <= $as_of")
     with _connect() as con:
         return con.execute(
-            f"SELECT * EXCLUDE (date) FROM read_parquet('{glob}', hive_partitioning = true) "
-            f"WHERE {fr.LABEL} IS NOT NULL AND {fr.LABEL_TS} <= ? "
+            f"WITH known AS (SELECT * FROM ({arrived}) "
+            f"QUALIFY row_number() OVER (PARTITION BY transaction_id ORDER BY {fr.LABEL_TS} DESC) = 1) "
+            f"SELECT e.* EXCLUDE (date, {fr.LABEL}, {fr.LABEL_TS}), k.{fr.LABEL}, k.{fr.LABEL_TS} "
+            f"FROM read_parquet('{glob}', hive_partitioning = true) e JOIN known k USING (transaction_id) "
             f"ORDER BY {fr.EVENT_TS}, transaction_id",
-            [as_of],
+            {"as_of": as_of},
         ).df()
 
 
 def latest_label_time(raw_dir: Path) -> dt.datetime | None:
-    """When the newest known label arrived: the natural `as_of` of a training run."""
+    """When the newest known label arrived (raw events or the label feed): the natural `as_of` of a
+    training run."""
     days = all_partition_days(raw_dir)
     if not days:
         return None
     glob = Path(raw_dir) / "transactions" / "*" / "*.parquet"
+    feed = _label_feed_glob(raw_dir)
+    newest = f"SELECT max({fr.LABEL_TS}) AS t FROM read_parquet('{glob}', hive_partitioning = true)"
+    if feed:
+        newest += f" UNION ALL SELECT max({fr.LABEL_TS}) FROM read_parquet('{feed}')"
     with _connect() as con:
         (value,) = con.execute(
-            f"SELECT max({fr.LABEL_TS}) FROM read_parquet('{glob}', hive_partitioning = true)"
+            f"SELECT max(t) FROM ({newest})"
         ).fetchall()[0]
     return value
