@@ -80,9 +80,15 @@ def test_retrain_job_registers_a_version_with_links_and_code_version(tiny_platfo
     registry = tiny_platform.registry
     versions_before = {v.version for v in registry.list_versions()}
     job = _defs(tiny_platform).resolve_job_def("retrain")
-    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    # As the retrain sensor launches it: the drift episode's first day and the reason in the tags.
+    episode = (_yesterday() - dt.timedelta(days=2)).isoformat()
+    tags = {"ml_platform/retrain_episode": episode, "ml_platform/retrain_reason": "data_drift alert: amount"}
+    result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags)
     assert result.success
     meta = _materialized(result)
+    # Judged on the held-out rows from the episode on, or (too few here) the whole split, saying so.
+    assert meta["registered_model"]["compared_on"].startswith("the test split")
+    assert f"from {episode} on, fewer than 500" in meta["registered_model"]["compared_on"]
     # features + training, nothing else (no ingestion, no serving)
     assert set(meta) == {*(v.name for v in fr.FEATURE_VIEWS if v.aggregations), "training_set",
                          "trained_model", "model_evaluation", "registered_model"}

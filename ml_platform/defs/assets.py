@@ -270,13 +270,20 @@ def _calibration_md(rows: list[dict]) -> str:
     kinds={"mlflow"},
     deps=["model_evaluation"],
     description="The candidate registered in MLflow with lineage as `challenger`; promoted to `champion` "
-    "only if it beats the champion on the same held-out data by the configured margin.",
+    "only if it beats the champion on the same held-out data by the configured margin (for a retrain "
+    "after drift: the held-out rows from the drift on).",
 )
-def registered_model(feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource) -> dg.MaterializeResult:
+def registered_model(
+    context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource
+) -> dg.MaterializeResult:
+    from ml_platform.monitoring.retrain_policy import EPISODE_TAG, REASON_TAG
     from ml_platform.training.pipeline import register_candidate
 
+    # A retrain the sensor requested: judged on the rows after the drift, audited with its reason.
+    tags = context.run.tags
     out = register_candidate(
-        feature_store.data_dir, mlflow.registry(), metric=mlflow.promotion_metric, margin=mlflow.promotion_margin
+        feature_store.data_dir, mlflow.registry(), metric=mlflow.promotion_metric, margin=mlflow.promotion_margin,
+        compare_since=tags.get(EPISODE_TAG), reason=tags.get(REASON_TAG, ""),
     )
     return dg.MaterializeResult(metadata=registration_metadata(out))
 
@@ -301,6 +308,7 @@ def registration_metadata(out) -> dict:
         "champion_version": out.champion_version,
         "promoted": out.promoted,
         "reason": out.reason,
+        "compared_on": out.compared_on,
         "tracking_uri": out.tracking_uri,
     }
 

@@ -177,16 +177,40 @@ class RegistrationResult:
     reason: str
     champion_version: int | None
     decision: dict
+    compared_on: str = ""  # the held-out rows challenger and champion were compared on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+# A retrain after drift is judged on the held-out rows from the drift on, when there are enough.
+RECENT_MIN_ROWS = 500
+RECENT_MIN_POSITIVES = 10
+
+
+def promotion_rows(test: pd.DataFrame, since=None) -> tuple[pd.DataFrame, str]:
+    """(rows, what they are) on which challenger and champion are compared: the test split, or,
+    with `since` (the first day of a drift episode), its rows from that day on, if at least
+    RECENT_MIN_ROWS labelled rows with RECENT_MIN_POSITIVES frauds (else the whole split, saying so)."""
+    if since is None:
+        return test, f"the test split ({len(test)} rows)"
+    since = raw_events.parse_date(since, "since")
+    recent = test[pd.to_datetime(test[fr.EVENT_TS], utc=True) >= pd.Timestamp(since, tz="UTC")]
+    positives = int(recent[fr.LABEL].sum()) if len(recent) else 0
+    if len(recent) >= RECENT_MIN_ROWS and positives >= RECENT_MIN_POSITIVES:
+        return recent, f"the {len(recent)} test rows from {since} on (after the drift; {positives} frauds)"
+    return test, (f"the test split ({len(test)} rows): only {len(recent)} rows with {positives} frauds from "
+                  f"{since} on, fewer than {RECENT_MIN_ROWS} / {RECENT_MIN_POSITIVES}")
+
+
 def register_candidate(data_dir: Path, registry, metric: str = DEFAULT_PROMOTION_METRIC,
                        margin: float = DEFAULT_PROMOTION_MARGIN, who: str | None = None,
-                       code_version: str | None = None) -> RegistrationResult:
+                       code_version: str | None = None, compare_since=None,
+                       reason: str = "") -> RegistrationResult:
     """Register the evaluated candidate in MLflow with its lineage (as `challenger`), then promote it
-    to `champion` iff it beats the current champion on the same test split by more than `margin`."""
+    to `champion` iff it beats the current champion on the same held-out rows by more than
+    `margin`: the test split, or its rows from `compare_since` on (`promotion_rows`). `reason`
+    (e.g. the retrain sensor's) is recorded with the alias move."""
     from ml_platform.registry import current_code_version
 
     model, contract, info = load_candidate(data_dir)
@@ -207,9 +231,11 @@ def register_candidate(data_dir: Path, registry, metric: str = DEFAULT_PROMOTION
             training_frame_sample=test.head(5), run_name=f"train-{contract.model_type}-{version}", who=who,
             artifact_dirs={REFERENCE_ARTIFACT_DIR: reference_dir},
         )
+    rows, compared_on = promotion_rows(test, compare_since)
     decision = registry.promote_if_better(
-        registered.version, test, metric=metric, margin=margin, who=who,
-        why=f"training run {registered.run_id} on data {version}",
+        registered.version, rows, metric=metric, margin=margin, who=who,
+        why="; ".join(p for p in (reason, f"training run {registered.run_id} on data {version}",
+                                  f"compared on {compared_on}") if p),
     )
     champion = registry.champion()
     model_path, run_path = registry.model_ui_path(registered.version), registry.run_ui_path(registered.run_id)
@@ -229,6 +255,7 @@ def register_candidate(data_dir: Path, registry, metric: str = DEFAULT_PROMOTION
         data_version=version,
         promoted=decision.promoted,
         reason=decision.reason,
+        compared_on=compared_on,
         champion_version=champion.version if champion else None,
         decision=decision.to_dict(),
     )
