@@ -176,3 +176,29 @@ def test_training_sees_labels_that_arrived_after_the_day_was_ingested(tmp_path):
     assert (merged["is_fraud"] == merged["is_fraud_feed"]).all()
     assert got["is_fraud"].sum() > 0 and (got["is_fraud"] == 0).sum() > 0  # chargebacks and legit labels
     assert latest_label_time(tmp_path) == every["label_timestamp"].max()
+
+
+def test_arrived_labels_are_merged_into_the_raw_events_with_their_arrival_times(tmp_path):
+    from ml_platform.sources.generator import write_day
+    from ml_platform.sources.labels import merge_into_raw
+    from ml_platform.sources.raw_events import read_days
+
+    config = dataclasses.replace(CONFIG, n_users=2000, fraud_rate=0.05)
+    day = FIRST + dt.timedelta(days=3)
+    write_day(dataclasses.replace(config, as_of=dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)),
+              day, tmp_path)
+    assert read_days(tmp_path, [day])["is_fraud"].notna().sum() == 0  # ingested at its end: no label yet
+    arrival = day + dt.timedelta(days=7)  # the day's legit labels mature
+    arrived = synthetic_label_arrivals(config, arrival, first_event_day=day)
+    assert merge_into_raw(tmp_path, arrived) == [day]
+    after = read_days(tmp_path, [day])
+    truth = generate_day(dataclasses.replace(config, as_of=dt.datetime(2100, 1, 1, tzinfo=dt.UTC)), day)
+    merged = after.merge(truth, on="transaction_id", suffixes=("", "_true"))
+    known = merged["is_fraud"].notna()
+    assert known.sum() == arrived["transaction_id"].isin(after["transaction_id"]).sum() > 0
+    assert (merged.loc[known, "is_fraud"] == merged.loc[known, "is_fraud_true"]).all()
+    assert (merged.loc[known, "label_timestamp"] == merged.loc[known, "label_timestamp_true"]).all()
+    assert (merged.loc[known, "label_timestamp"].dt.date == arrival).all()
+    # The events themselves are untouched, and merging again changes nothing.
+    assert (after["amount"].to_numpy() == truth.set_index("transaction_id").loc[after["transaction_id"], "amount"]).all()
+    assert merge_into_raw(tmp_path, arrived) == []

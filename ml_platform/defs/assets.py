@@ -106,6 +106,10 @@ def raw_transactions(
         written = [write_day(config, d, raw_dir) for d in dates]
     else:
         raise dg.Failure(f"event_source.kind must be 'synthetic' or 'files', got {event_source.kind!r}")
+    # Labels the feed already delivered for these days' events (a re-ingested day keeps them).
+    from ml_platform.sources.labels import merge_into_raw, read_labels
+
+    merge_into_raw(raw_dir, read_labels(raw_dir, since=dates[0]), days=dates)
     frame = raw_events.read_days(raw_dir, dates)
     report = validate(frame, RAW_TRANSACTIONS_SCHEMA, now=dt.datetime.now(dt.UTC))
     context.log.info(report.summary())

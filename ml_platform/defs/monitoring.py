@@ -43,11 +43,13 @@ def _day(context: dg.AssetExecutionContext) -> dt.date:
     partitions_def=daily_partitions,
     deps=["raw_transactions"],
     description="The labels that arrived that day (chargebacks 1-30 days after a fraud, legit labels after "
-    "the maturity period): raw/labels/date=YYYY-MM-DD/, from the generator or the user's label files.",
+    "the maturity period): raw/labels/date=YYYY-MM-DD/, from the generator or the user's label files; "
+    "merged into the raw events' label columns (with their arrival times).",
 )
 def label_feed(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource,
                event_source: EventSourceResource) -> dg.MaterializeResult:
     from ml_platform.sources import labels, raw_events
+    from ml_platform.sources.generator import MAX_CHARGEBACK_DELAY_DAYS
 
     days = [_day(context)]
     raw_dir = feature_store.raw_dir
@@ -66,11 +68,18 @@ def label_feed(context: dg.AssetExecutionContext, feature_store: FeatureStoreRes
             paths.append(labels.write_labels(frame, raw_dir, day))
             counts[day.isoformat()] = len(frame)
     latest = labels.read_labels(raw_dir, since=days[-1], until=days[-1])
+    # The raw table's label columns hold every label known so far (each with its arrival time), so
+    # the label-based features and the next training see today's arrivals.
+    lookback = MAX_CHARGEBACK_DELAY_DAYS + 1
+    updated = labels.merge_into_raw(
+        raw_dir, latest, days=[days[-1] - dt.timedelta(days=i) for i in range(lookback + 1)]
+    )
     return dg.MaterializeResult(
         metadata={
             "labels": sum(counts.values()),
             "frauds": int(latest["is_fraud"].sum()) if len(latest) else 0,
             "days": dg.MetadataValue.json(counts),
+            "raw_days_updated": len(updated),
             "path": dg.MetadataValue.path(str(paths[-1].parent)),
         }
     )

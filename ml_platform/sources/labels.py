@@ -7,7 +7,11 @@ contract's columns (transaction_id, merchant_id, is_fraud, label_timestamp, and 
 known). Monitoring joins it to the prediction log by transaction id; a label for a transaction
 that was never predicted is counted, not dropped silently.
 
-Two sources write it: the synthetic generator (`synthetic_label_arrivals`: the day's arrivals,
+Arrived labels are also merged into the raw events' label columns (`merge_into_raw`, with their
+arrival times), so that the raw table holds every label known so far: the label-based features
+and training read it point in time, and a day ingested at its end learns its chargebacks later.
+
+Two sources write the feed: the synthetic generator (`synthetic_label_arrivals`: the day's arrivals,
 recomputed from the generator's events of the days they can belong to, since each generated day
 is a pure function of (config, date)), and the user's own files (`import_label_files`: Parquet
 or CSV with the contract's columns, split by the day each label arrived).
@@ -199,3 +203,37 @@ def read_known_labels(raw_dir: str | Path, *, until: date | str, events_since: d
     both = pd.concat([carried, feed], ignore_index=True) if len(feed) else carried
     both = both.sort_values([fr.LABEL_TS, "transaction_id"], kind="stable")
     return both.drop_duplicates("transaction_id", keep="last").reset_index(drop=True)
+
+
+def merge_into_raw(raw_dir: str | Path, labels: pd.DataFrame, *, days: Iterable[date] | None = None) -> list[date]:
+    """Write arrived labels into the raw partitions of their transactions (the raw table's label
+    columns are "every label known so far"; each label keeps its arrival time, so point-in-time
+    reads of the label-based features and training's as-of cut stay exact). Only the partitions of
+    `days` (default: every raw day) are searched; a partition is rewritten only if a label is new
+    to it or later than the one it holds (atomically, as a whole). Returns the days rewritten."""
+    from ml_platform.sources import raw_events
+
+    if labels.empty:
+        return []
+    wanted = set(days) if days is not None else None
+    latest = labels.sort_values(fr.LABEL_TS, kind="stable").drop_duplicates("transaction_id", keep="last")
+    latest = latest.set_index("transaction_id")
+    rewritten = []
+    for day in raw_events.all_partition_days(raw_dir):
+        if wanted is not None and day not in wanted:
+            continue
+        frame = raw_events.read_days(Path(raw_dir), [day])
+        hit = frame["transaction_id"].isin(latest.index)
+        if not hit.any():
+            continue
+        new = latest.loc[frame.loc[hit, "transaction_id"]]
+        old_ts = frame.loc[hit, fr.LABEL_TS]
+        newer = old_ts.isna().to_numpy() | (new[fr.LABEL_TS].to_numpy() > old_ts.to_numpy())
+        if not newer.any():
+            continue
+        rows = frame.index[hit][newer]
+        frame.loc[rows, fr.LABEL] = new[fr.LABEL].to_numpy()[newer]
+        frame.loc[rows, fr.LABEL_TS] = new[fr.LABEL_TS].to_numpy()[newer]
+        raw_events.write_partition([frame], raw_dir, day)
+        rewritten.append(day)
+    return rewritten
