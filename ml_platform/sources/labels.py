@@ -31,21 +31,19 @@ import pyarrow as pa
 from ml_platform import features as fr
 from ml_platform.atomic_files import write_parquet_atomic
 from ml_platform.sources.files import EventsFormatError, _event_files, _read_file, _to_int, _to_label, _to_utc
-from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA, parse_date
+from ml_platform.sources.raw_events import (  # the feed's layout is the raw layout's; re-exported
+    LABEL_COLUMNS,
+    LABELS_ARROW_SCHEMA,
+    labels_partition,
+    labels_root,
+    parse_date,
+)
 from ml_platform.transactions import LABEL_EVENT, LABEL_EVENT_OPTIONAL
 
-# The feed's columns: the label event contract's fields, then its optional ones; typed as the raw table.
-LABEL_COLUMNS: tuple[str, ...] = tuple(f.name for f in (*LABEL_EVENT.fields, *LABEL_EVENT_OPTIONAL))
-LABELS_ARROW_SCHEMA = pa.schema([TRANSACTIONS_ARROW_SCHEMA.field(name) for name in LABEL_COLUMNS])
 _REQUIRED = tuple(f.name for f in LABEL_EVENT.fields)
 _INTEGER = tuple(
     name for name in LABEL_COLUMNS if pa.types.is_integer(LABELS_ARROW_SCHEMA.field(name).type) and name != fr.LABEL
 )
-
-
-def labels_partition(raw_dir: str | Path, day: date) -> Path:
-    """raw_dir/labels/date=YYYY-MM-DD: the labels that arrived that day."""
-    return Path(raw_dir) / "labels" / f"date={day.isoformat()}"
 
 
 def empty_labels() -> pd.DataFrame:
@@ -146,7 +144,7 @@ def write_labels(frame: pd.DataFrame, raw_dir: str | Path, day: date | str) -> P
 
 def label_days(raw_dir: str | Path) -> list[date]:
     """The arrival days the feed holds (ingested, possibly empty)."""
-    root = Path(raw_dir) / "labels"
+    root = labels_root(raw_dir)
     return sorted(
         date.fromisoformat(d.name.split("=", 1)[1]) for d in root.glob("date=*") if (d / "labels.parquet").exists()
     )
@@ -178,31 +176,15 @@ def read_known_labels(raw_dir: str | Path, *, until: date | str, events_since: d
     """Every label known by the end of `until`: the feed's arrivals up to that day, and the labels
     the raw events already carried when they were written (an import or a history generated at
     once holds the labels known then), for events from `events_since` on. One row per
-    transaction, the latest label winning."""
+    transaction, the latest label winning (the query `raw_events.known_labels` runs)."""
     from ml_platform.sources import raw_events
 
     until = parse_date(until, "until")
-    feed = read_labels(raw_dir, until=until)
-    days = raw_events.all_partition_days(raw_dir)
+    days = [d for d in raw_events.all_partition_days(raw_dir) if d <= until]
     if events_since is not None:
         days = [d for d in days if d >= parse_date(events_since, "events_since")]
-    days = [d for d in days if d <= until]
-    if not days:
-        return feed
-    end = pd.Timestamp(until + timedelta(days=1), tz="UTC")
-    files = ", ".join(
-        "'" + str(raw_events.transactions_partition(raw_dir, d) / "*.parquet").replace("'", "''") + "'" for d in days
-    )
-    with duckdb.connect() as con:
-        con.execute("SET TimeZone = 'UTC'")
-        table = con.sql(
-            f"SELECT {', '.join(LABEL_COLUMNS)} FROM read_parquet([{files}]) "
-            f"WHERE {fr.LABEL} IS NOT NULL AND {fr.LABEL_TS} < '{end.isoformat()}'::TIMESTAMPTZ"
-        ).to_arrow_table()
-    carried = table.cast(LABELS_ARROW_SCHEMA).to_pandas()
-    both = pd.concat([carried, feed], ignore_index=True) if len(feed) else carried
-    both = both.sort_values([fr.LABEL_TS, "transaction_id"], kind="stable")
-    return both.drop_duplicates("transaction_id", keep="last").reset_index(drop=True)
+    end = pd.Timestamp(until + timedelta(days=1), tz="UTC") - pd.Timedelta(microseconds=1)
+    return raw_events.known_labels(Path(raw_dir), end.to_pydatetime(), days)
 
 
 def merge_into_raw(raw_dir: str | Path, labels: pd.DataFrame, *, days: Iterable[date] | None = None) -> list[date]:
@@ -216,12 +198,25 @@ def merge_into_raw(raw_dir: str | Path, labels: pd.DataFrame, *, days: Iterable[
     if labels.empty:
         return []
     wanted = set(days) if days is not None else None
+    candidates = [d for d in raw_events.all_partition_days(raw_dir) if wanted is None or d in wanted]
     latest = labels.sort_values(fr.LABEL_TS, kind="stable").drop_duplicates("transaction_id", keep="last")
+    if not candidates:
+        return []
+    # Which days hold a transaction whose label is new or newer: read ids and label times only.
+    files = ", ".join("'" + str(raw_events.transactions_partition(raw_dir, d) / "*.parquet").replace("'", "''") + "'"
+                      for d in candidates)
+    arrived = pa.Table.from_pandas(latest[["transaction_id", fr.LABEL_TS]], preserve_index=False)
+    with duckdb.connect() as con:
+        con.register("arrived", arrived)
+        stale = con.sql(
+            f"SELECT DISTINCT r.date FROM read_parquet([{files}], hive_partitioning = true) r "
+            f"JOIN arrived a USING (transaction_id) "
+            f"WHERE r.{fr.LABEL_TS} IS NULL OR a.{fr.LABEL_TS} > r.{fr.LABEL_TS} ORDER BY 1"
+        ).fetchall()
     latest = latest.set_index("transaction_id")
     rewritten = []
-    for day in raw_events.all_partition_days(raw_dir):
-        if wanted is not None and day not in wanted:
-            continue
+    for (day,) in stale:
+        day = parse_date(day, "date")
         frame = raw_events.read_days(Path(raw_dir), [day])
         hit = frame["transaction_id"].isin(latest.index)
         if not hit.any():

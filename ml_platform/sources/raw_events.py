@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 
 from ml_platform import features as fr
 from ml_platform.transactions import (
+    LABEL_EVENT,
+    LABEL_EVENT_OPTIONAL,
     TABLE_ONLY_COLUMNS,
     TRANSACTION,
     IntegerField,
@@ -38,6 +40,10 @@ TRANSACTIONS_ARROW_SCHEMA = pa.schema(
 )
 assert tuple(TRANSACTIONS_ARROW_SCHEMA.names[len(TRANSACTION.fields) :]) == TABLE_ONLY_COLUMNS
 TRANSACTION_COLUMNS = list(TRANSACTIONS_ARROW_SCHEMA.names)
+# The label feed (raw/labels/date=<arrival day>/labels.parquet, see sources.labels): the label event
+# contract's fields, then its optional ones, typed as in the raw table.
+LABEL_COLUMNS: tuple[str, ...] = tuple(f.name for f in (*LABEL_EVENT.fields, *LABEL_EVENT_OPTIONAL))
+LABELS_ARROW_SCHEMA = pa.schema([TRANSACTIONS_ARROW_SCHEMA.field(name) for name in LABEL_COLUMNS])
 USERS_ARROW_SCHEMA = pa.schema(
     [
         ("user_id", pa.int64()),
@@ -66,6 +72,15 @@ def parse_date(value, what: str) -> date:
 def transactions_partition(raw_dir: str | Path, day: date) -> Path:
     """raw_dir/transactions/date=YYYY-MM-DD: the daily partition directory."""
     return Path(raw_dir) / "transactions" / f"date={day.isoformat()}"
+
+
+def labels_root(raw_dir: str | Path) -> Path:
+    return Path(raw_dir) / "labels"
+
+
+def labels_partition(raw_dir: str | Path, day: date) -> Path:
+    """raw_dir/labels/date=YYYY-MM-DD: the labels that arrived that day."""
+    return labels_root(raw_dir) / f"date={day.isoformat()}"
 
 
 def write_partition(frames: Iterable[pd.DataFrame], raw_dir: str | Path, day: date) -> Path:
@@ -112,8 +127,12 @@ def _connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _sql_text(value) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join(_sql_text(p) for p in paths) + "]"
 
 
 def read_days(raw_dir: Path, days: list[dt.date]) -> pd.DataFrame:
@@ -140,10 +159,41 @@ def all_partition_days(raw_dir: Path) -> list[dt.date]:
     return days
 
 
-def _label_feed_glob(raw_dir: Path) -> str | None:
-    """The label feed's files (raw/labels/date=*/labels.parquet), if any (see sources.labels)."""
-    root = Path(raw_dir) / "labels"
-    return str(root / "*" / "*.parquet") if any(root.glob("date=*/*.parquet")) else None
+def _label_feed_files(raw_dir: Path) -> str | None:
+    """The label feed's files as a DuckDB glob, or None while the feed is empty."""
+    root = labels_root(raw_dir)
+    return _sql_text(root / "*" / "*.parquet") if any(root.glob("date=*/*.parquet")) else None
+
+
+def _known_labels_sql(raw_dir: Path, days: list[dt.date] | None = None) -> str | None:
+    """SQL of every label known by `$as_of`, one row per transaction (LABEL_COLUMNS; the latest
+    arrival wins): the labels the raw events (of `days`; None: every day) carry, and the label
+    feed's arrivals. None when there is neither."""
+    columns = ", ".join(LABEL_COLUMNS)
+    parts = []
+    if days is None or days:
+        raw = (_sql_text(Path(raw_dir) / "transactions" / "*" / "*.parquet") if days is None
+               else _sql_list([transactions_partition(raw_dir, d) / "*.parquet" for d in days]))
+        parts.append(f"SELECT {columns} FROM read_parquet({raw}, hive_partitioning = true) "
+                     f"WHERE {fr.LABEL} IS NOT NULL AND {fr.LABEL_TS} <= $as_of")
+    feed = _label_feed_files(raw_dir)
+    if feed:
+        parts.append(f"SELECT {columns} FROM read_parquet({feed}) WHERE {fr.LABEL_TS} <= $as_of")
+    if not parts:
+        return None
+    return (f"SELECT * FROM ({' UNION ALL '.join(parts)}) "
+            f"QUALIFY row_number() OVER (PARTITION BY transaction_id ORDER BY {fr.LABEL_TS} DESC) = 1")
+
+
+def known_labels(raw_dir: Path, as_of: dt.datetime, days: list[dt.date] | None = None) -> pd.DataFrame:
+    """Every label known by `as_of` (see `_known_labels_sql`), oldest arrival first."""
+    sql = _known_labels_sql(raw_dir, days)
+    if sql is None:
+        return LABELS_ARROW_SCHEMA.empty_table().to_pandas()
+    with _connect() as con:
+        table = con.sql(f"SELECT * FROM ({sql}) ORDER BY {fr.LABEL_TS}, transaction_id",
+                        params={"as_of": as_of}).to_arrow_table()
+    return table.cast(LABELS_ARROW_SCHEMA).to_pandas()
 
 
 def labelled_events(raw_dir: Path, as_of: dt.datetime) -> pd.DataFrame:
@@ -156,18 +206,9 @@ def labelled_events(raw_dir: Path, as_of: dt.datetime) -> pd.DataFrame:
             f"no raw transactions under {Path(raw_dir) / 'transactions'}: materialize raw_transactions first"
         )
     glob = Path(raw_dir) / "transactions" / "*" / "*.parquet"
-    feed = _label_feed_glob(raw_dir)
-    arrived = (
-        f"SELECT transaction_id, {fr.LABEL}, {fr.LABEL_TS} FROM read_parquet('{glob}', hive_partitioning = true) "
-        f"WHERE {fr.LABEL} IS NOT NULL AND {fr.LABEL_TS} <= $as_of"
-    )
-    if feed:
-        arrived += (f" UNION ALL SELECT transaction_id, {fr.LABEL}, {fr.LABEL_TS} FROM read_parquet('{feed}') "
-                    f"WHERE {fr.LABEL_TS} <= $as_of")
     with _connect() as con:
         return con.execute(
-            f"WITH known AS (SELECT * FROM ({arrived}) "
-            f"QUALIFY row_number() OVER (PARTITION BY transaction_id ORDER BY {fr.LABEL_TS} DESC) = 1) "
+            f"WITH known AS ({_known_labels_sql(raw_dir)}) "
             f"SELECT e.* EXCLUDE (date, {fr.LABEL}, {fr.LABEL_TS}), k.{fr.LABEL}, k.{fr.LABEL_TS} "
             f"FROM read_parquet('{glob}', hive_partitioning = true) e JOIN known k USING (transaction_id) "
             f"ORDER BY {fr.EVENT_TS}, transaction_id",
@@ -182,10 +223,10 @@ def latest_label_time(raw_dir: Path) -> dt.datetime | None:
     if not days:
         return None
     glob = Path(raw_dir) / "transactions" / "*" / "*.parquet"
-    feed = _label_feed_glob(raw_dir)
     newest = f"SELECT max({fr.LABEL_TS}) AS t FROM read_parquet('{glob}', hive_partitioning = true)"
+    feed = _label_feed_files(raw_dir)
     if feed:
-        newest += f" UNION ALL SELECT max({fr.LABEL_TS}) FROM read_parquet('{feed}')"
+        newest += f" UNION ALL SELECT max({fr.LABEL_TS}) FROM read_parquet({feed})"
     with _connect() as con:
         (value,) = con.execute(
             f"SELECT max(t) FROM ({newest})"
