@@ -188,11 +188,12 @@ def _batch():
 
 
 def _write_api_log(log_dir, day: str, n: int, version: int) -> None:
-    from ml_platform.serving.prediction_log import day_dir, log_table, write_atomic
+    from ml_platform.atomic_files import write_parquet_atomic
+    from ml_platform.serving.prediction_log import day_dir, log_table
 
     table = log_table({"source": "api", "model_version": version, "probability": 0.1, "decision": "legit"},
                       {"amount": [1.0] * n}, n)
-    write_atomic(table, day_dir(log_dir, "api", day) / "part-1.parquet")
+    write_parquet_atomic(day_dir(log_dir, "api", day) / "part-1.parquet", table)
 
 
 def test_cost_report_asset_over_runs_that_really_ran(tmp_path):

@@ -338,6 +338,9 @@ def test_api_stream_and_batch_predictions_read_back_as_one_frame(client, project
         "home_country": "FR",
         "is_foreign": 1.0,
     }
+    bare = read_prediction_log(log_dir, sources=["api"], with_features=False)
+    assert list(bare.columns) == [*LOG_COLUMNS, "date"]  # no inputs read at all
+    assert bare["prediction_id"].tolist() == compact["prediction_id"].tolist()
     with pytest.raises(ValueError, match=r"source must be one of .*'kafka'"):
         read_prediction_log(log_dir, sources=["kafka"])
 
@@ -392,11 +395,11 @@ def test_a_crash_before_the_file_is_written_loses_nothing(client, project, tmp_p
     output = stream_names(project).output
     _stream_outputs(client, project)
 
-    def disk_full(table, path):
+    def disk_full(path, table):
         raise OSError("simulated: no space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(prediction_log_drain, "write_atomic", disk_full)
+        patch.setattr(prediction_log_drain, "write_parquet_atomic", disk_full)
         with pytest.raises(OSError, match="no space"):
             drain_stream_predictions(client, output, log_dir)
     assert read_prediction_log(log_dir).empty and client.xpending(output, LOG_GROUP)["pending"] == 2

@@ -125,7 +125,7 @@ def cost_report(context: dg.AssetExecutionContext, config: CostConfig, feature_s
     prices = costs.load_unit_prices(config.prices_path)
     steps = measured_steps(context.instance)
     log_dir = feature_store.predictions_log_dir
-    log = read_prediction_log(log_dir, start=start, end=end, sources=["api", "stream"], expand_features=False)
+    log = read_prediction_log(log_dir, start=start, end=end, sources=["api", "stream"], with_features=False)
     days = logged_days(log_dir)
     period_hours = {}
     for path in (costs.ONLINE, costs.STREAM):

@@ -160,7 +160,7 @@ def run_model_performance(inputs: MonitoringInputs, day: date) -> MonitorResult:
 def run_serving_health(inputs: MonitoringInputs, day: date) -> MonitorResult:
     from ml_platform.serving.prediction_log_reader import read_prediction_log
 
-    log = read_prediction_log(inputs.predictions_log_dir, start=day, expand_features=False)
+    log = read_prediction_log(inputs.predictions_log_dir, start=day, with_features=False)
     if len(log):
         log = log[pd.to_datetime(log["predicted_at"], utc=True).dt.date == day]  # served that day
     api_metrics, note = fetch_api_metrics(inputs.api_metrics_url)

@@ -48,7 +48,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ml_platform.atomic_files import write_parquet_atomic
 from ml_platform.serving.prediction_log_writer import (  # the API's side, re-exported
     DEFAULT_MAXLEN,
     ENTRY_FIELD,
@@ -116,7 +115,6 @@ __all__ = [
     "prediction_entry",
     "prediction_stream_key",
     "source_dir",
-    "write_atomic",
 ]
 
 
@@ -143,23 +141,14 @@ def feature_column(name: str) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def feature_array(values: Any, type: pa.DataType | None = None) -> pa.Array:
+def feature_array(values: Any) -> pa.Array:
     """One model input as a log column: numbers as float64, strings as string, NaN/None as null
     (a column of nulls only stays of null type, which readers promote to the other files' type)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if isinstance(values, pa.Array):
-        array = values
-    elif type is not None:
-        return pa.array(values, type=type, from_pandas=True)
-    else:
-        try:
-            array = pa.array(values, from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds (numbers and text): keep them as text
-            array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    try:
+        array = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds (numbers and text): keep them as text
+        array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
     kind = array.type
-    if type is not None:
-        return array.cast(type)
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_floating(kind):
         return array.cast(pa.float64())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or kind == _NULL_TYPE:
@@ -213,11 +202,6 @@ def legacy_table(table: pa.Table, source: str = "api") -> pa.Table:
     return log_table({**columns, SOURCE_COLUMN: source}, values, len(rows))
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file: a temp file next to it, then rename (readers never see half a file)."""
-    write_parquet_atomic(path, table)
-
-
 class DayFileWriter:
     """One day's file written chunk by chunk, replaced as a whole: chunks are built and written
     to a temp file next to `path` by a background thread, while the caller goes on with its next
@@ -232,7 +216,6 @@ class DayFileWriter:
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = Path(path)
         self.schema = schema
-        self.rows = 0
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         self._writer: pq.ParquetWriter | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="day-file")
@@ -243,10 +226,6 @@ class DayFileWriter:
             with contextlib.suppress(OSError):
                 if stale.stat().st_mtime < cutoff:
                     stale.unlink()
-
-    def write(self, table: pa.Table) -> None:
-        """Append `table` (written in the background; an error is raised by the next call)."""
-        self.write_built(lambda: table)
 
     def write_built(self, build: Callable[..., pa.Table], *args: Any) -> None:
         """Append the table `build(*args)` returns, built in the background thread too (`args` must
@@ -261,7 +240,6 @@ class DayFileWriter:
         if not table.schema.equals(self.schema):
             raise ValueError(f"{self.path}: chunk schema {table.schema} is not the file's {self.schema}")
         self._write(table)
-        self.rows += table.num_rows
 
     def _write(self, table: pa.Table) -> None:
         if self._writer is None:
@@ -358,23 +336,3 @@ def batch_log_rows(
     }
     return log_table(columns, features, len(events))
 
-
-# The drain and the reader live next door (they import this module): re-exported lazily, so
-# `from ml_platform.serving.prediction_log import read_prediction_log` works too.
-_NEXT_DOOR = {
-    "drain_prediction_log": "prediction_log_drain",
-    "drain_stream_predictions": "prediction_log_drain",
-    "LOG_GROUP": "prediction_log_drain",
-    "read_prediction_log": "prediction_log_reader",
-    "logged_days": "prediction_log_reader",
-    "model_input_frame": "prediction_log_reader",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _NEXT_DOOR.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"ml_platform.serving.{module}"), name)

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
+from ml_platform.atomic_files import write_parquet_atomic
 from ml_platform.serving.prediction_log import (
     ENTRY_FIELD,
     LOG_COLUMNS,
@@ -43,7 +44,6 @@ from ml_platform.serving.prediction_log import (
     legacy_table,
     log_table,
     source_dir,
-    write_atomic,
 )
 from ml_platform.serving.stream.streams import PREDICTION_FIELD, as_text, input_column_names
 
@@ -203,7 +203,7 @@ def migrate_legacy_layout(log_dir: str | Path) -> list[str]:
     moved = []
     for old in sorted(log_dir.glob("date=*/part-*_*.parquet")):
         new = day_dir(log_dir, "api", old.parent.name.removeprefix("date=")) / old.name
-        write_atomic(legacy_table(pq.read_table(old)), new)
+        write_parquet_atomic(new, legacy_table(pq.read_table(old)))
         old.unlink()
         with contextlib.suppress(OSError):
             old.parent.rmdir()
@@ -226,7 +226,7 @@ def _write_days(table: pa.Table, sids: list[Any], log_dir: Path, source: str) ->
             day_dir(log_dir, source, days[start])
             / f"part-{as_text(sids[start])}_{as_text(sids[stop - 1])}.parquet"
         )
-        write_atomic(table.slice(start, stop - start), path)
+        write_parquet_atomic(path, table.slice(start, stop - start))
         files.append(str(path))
         start = stop
     return files

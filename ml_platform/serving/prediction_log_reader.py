@@ -45,6 +45,7 @@ def read_prediction_log(
     end: date | str | None = None,
     sources: Sequence[str] | None = None,
     expand_features: bool = True,
+    with_features: bool = True,
 ) -> pd.DataFrame:
     """Every logged prediction of the `sources` (default: all of SOURCES) whose day folder is in
     [start, end] (both included; None: unbounded), as one frame: LOG_SCHEMA's columns (`source`
@@ -55,6 +56,8 @@ def read_prediction_log(
     ("feature.amount": the log's request columns and the inputs share names, the prefix keeps
     them apart), float64 or text, null where a row's model did not read it. False: the inputs as
     one `features` column of JSON objects (each row's own inputs, nulls included).
+    with_features=False: no model inputs at all (not even read from disk): for readers of the
+    predictions alone (latency, counts), which would otherwise pay for every input column.
     Rows come source by source (SOURCES' order), day by day, in log order within a day.
     An empty selection gives an empty frame with the same columns (no feature columns)."""
     first = parse_date(start, "start") if start is not None else None
@@ -64,12 +67,17 @@ def read_prediction_log(
     wanted = [check_source(s) for s in (SOURCES if sources is None else sources)]
     tables = []
     for source, day, path in _files(Path(log_dir), wanted, first, last):
-        table = pq.read_table(path)
+        columns = None
+        if not with_features:
+            columns = [n for n in pq.read_schema(path).names if not n.startswith(FEATURE_PREFIX)]
+        table = pq.read_table(path, columns=columns)
         if SOURCE_COLUMN not in table.column_names:  # the first layout
             table = legacy_table(table, source)
+        if not with_features:
+            table = table.select([n for n in table.column_names if not n.startswith(FEATURE_PREFIX)])
         table = table.append_column(DATE_COLUMN, pa.repeat(pa.scalar(day, pa.date32()), table.num_rows))
-        tables.append(table if expand_features else _features_as_json(table))
-    table = _union(tables, expand_features)
+        tables.append(table if expand_features or not with_features else _features_as_json(table))
+    table = _union(tables, expand_features or not with_features)
     return table.to_pandas(types_mapper=_INTEGERS.get)
 
 
