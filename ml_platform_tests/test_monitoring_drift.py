@@ -27,7 +27,8 @@ def _frame(n: int, seed: int, **shift) -> pd.DataFrame:
         p = p.copy()
         p[0] -= shift["move"]
         p[2] += shift["move"]
-    amount = rng.normal(100.0, 15.0, n) * shift.get("scale", 1.0) + shift.get("mean", 0.0) * 15.0
+    # a scale shift widens the spread around the same mean (a pure x1.3 change, not a mean shift)
+    amount = 100.0 + rng.normal(0.0, 15.0, n) * shift.get("scale", 1.0) + shift.get("mean", 0.0) * 15.0
     channel = cats[rng.choice(5, n, p=p)]
     if "new" in shift:
         channel[rng.random(n) < shift["new"]] = "crypto"
@@ -354,3 +355,11 @@ def test_drifted_columns_alert_first_then_by_effect():
     charts = report.html_sections(max_plots=2)[2][1]
     assert charts.count("<svg") == 2 and "w_big" not in charts and "1 more drifted" in charts
     assert charts.index("a_big") < charts.index("a_small")
+
+
+def test_a_profile_built_with_other_bins_is_refused_not_silently_used():
+    from ml_platform.monitoring import ReferenceProfile
+
+    profile = ReferenceProfile.from_frame(_frame(2000, 0))
+    with pytest.raises(ValueError, match=r"numeric_bins = 5, but the ReferenceProfile was built with 20"):
+        detect_drift(profile, _frame(2000, 1), thresholds=DriftThresholds(numeric_bins=5))

@@ -103,6 +103,11 @@ def detect_drift(reference: pd.DataFrame | ReferenceProfile, current: pd.DataFra
     if isinstance(reference, ReferenceProfile):
         if categorical or numeric:
             raise ValueError("categorical= / numeric= are fixed when the ReferenceProfile is built; pass them there")
+        if reference.bins != t.numeric_bins:
+            raise ValueError(
+                f"thresholds.numeric_bins = {t.numeric_bins}, but the ReferenceProfile was built with "
+                f"{reference.bins}: build it with the same thresholds (ReferenceProfile.from_frame(thresholds=...))"
+            )
         names = list(reference.columns) if columns is None else [str(c) for c in columns]
         unknown = [c for c in names if c not in reference.columns]
         if unknown:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
+from ml_platform.atomic_files import write_atomic
 from ml_platform.monitoring import drift_stats
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
@@ -387,14 +387,12 @@ class ReferenceProfile:
                 arrays[f"{i}.categories"] = np.asarray([str(c) for c in col.categories], dtype=str)
             meta["columns"].append(entry)
         arrays["meta"] = np.asarray(json.dumps(meta))
-        staged = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(staged, "wb") as f:
+
+        def savez(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
                 np.savez(f, **arrays)
-            os.replace(staged, path)
-        finally:
-            staged.unlink(missing_ok=True)
-        return path
+
+        return write_atomic(path, savez)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceProfile:
