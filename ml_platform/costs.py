@@ -29,7 +29,6 @@ file (`load_unit_prices`):
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -154,19 +153,13 @@ class ServingCpu:
         return self.cpu_seconds / self.predictions if self.predictions > 0 else None
 
 
-_METRIC_LINE = re.compile(r"^(process_cpu_seconds_total|ml_platform_predictions_total)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
-
-
 def serving_cpu_from_metrics(text: str, source: str = "API /metrics") -> ServingCpu | None:
     """The API's CPU rate from its Prometheus text: `process_cpu_seconds_total` (the process
     collector) over `ml_platform_predictions_total` (all labels summed). None without the CPU line."""
-    cpu, predictions = None, 0.0
-    for line in text.splitlines():
-        m = _METRIC_LINE.match(line)
-        if m and m.group(1) == "process_cpu_seconds_total":
-            cpu = (cpu or 0.0) + float(m.group(2))
-        elif m:
-            predictions += float(m.group(2))
+    from ml_platform.monitoring.serving_health import metric_totals
+
+    t = metric_totals(text, ("process_cpu_seconds_total", "ml_platform_predictions_total"))
+    cpu, predictions = t["process_cpu_seconds_total"], t["ml_platform_predictions_total"] or 0.0
     return None if cpu is None else ServingCpu(cpu_seconds=cpu, predictions=int(predictions), source=source)
 
 

@@ -139,13 +139,9 @@ def test_bad_records_and_prices_name_the_field(tmp_path):
 
 
 def test_api_cpu_from_the_api_metrics_text_with_the_process_collector():
-    from prometheus_client import ProcessCollector
-
     from ml_platform.serving.api.metrics import ServingMetrics
 
-    metrics = ServingMetrics()
-    if "process_cpu_seconds_total" not in metrics.exposition()[0].decode():
-        ProcessCollector(registry=metrics.registry)  # what the API's registry needs (see the report)
+    metrics = ServingMetrics()  # the API's own registry exposes its process CPU
     for version, n in (("3", 4), ("4", 2)):
         metrics.predictions.labels(version, "legit").inc(n)
     metrics.predictions.labels("4", "fraud").inc(1)
@@ -226,6 +222,12 @@ def test_cost_report_asset_over_runs_that_really_ran(tmp_path):
             ("training", "registered_model", 7, None),
             ("training", "training_set", 7, None),
         ]
+        # A period bills the compute spent in it: the training ran today, not in March 2025.
+        import datetime as dt
+
+        today = dt.datetime.now(dt.UTC).date()
+        assert {s.kind for s in measured_steps(instance, dt.date(2025, 3, 1), dt.date(2025, 3, 3))} == {"batch"}
+        assert len(measured_steps(instance, today, today)) == 3
 
         def report(**config):
             result = dg.materialize([cost_report], instance=instance, resources=resources, raise_on_error=False,
@@ -262,6 +264,7 @@ def test_cost_report_asset_over_runs_that_really_ran(tmp_path):
     assert table["batch", "7"]["predictions"] == "2000"
     assert table["online", "7"]["usd_per_1000_compute"] == "not measured"
     assert configured["online_usd"] == pytest.approx(72 * 2 * 0.096)
+    assert "training_usd" not in configured  # no training in the period: not billed to it
     assert configured["online_usd_per_1000"] == pytest.approx(72 * 2 * 0.096 / 0.5)
     assert only_first_day["online_predictions"] == 400
     assert only_first_day["online_usd"] == pytest.approx(24 * 0.096)

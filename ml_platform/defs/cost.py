@@ -37,13 +37,15 @@ class CostConfig(dg.Config):
 
 
 def _materializations(instance: dg.DagsterInstance, asset: str) -> dict:
-    """{run id: metadata} of the runs that materialized `asset` (a range run once)."""
+    """{run id: (metadata, partitions)} of the runs that materialized `asset` (a range run once)."""
     out: dict = {}
     cursor = None
     while True:
         page = instance.fetch_materializations(dg.AssetKey(asset), limit=1000, cursor=cursor)
         for record in page.records:
-            out.setdefault(record.run_id, record.asset_materialization.metadata)
+            entry = out.setdefault(record.run_id, (record.asset_materialization.metadata, set()))
+            if record.asset_materialization.partition:
+                entry[1].add(record.asset_materialization.partition)
         if not page.has_more:
             return out
         cursor = page.cursor
@@ -55,19 +57,31 @@ def _value(metadata: dict, key: str):
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def measured_steps(instance: dg.DagsterInstance) -> list:
-    """The StepRecords of every run that registered a model or scored a batch."""
+def _in_period(day: str, start, end) -> bool:
+    return (start is None or day >= start.isoformat()) and (end is None or day <= end.isoformat())
+
+
+def measured_steps(instance: dg.DagsterInstance, start=None, end=None) -> list:
+    """The StepRecords of every run that registered a model (its steps started within
+    [start, end]) or scored a batch (of a day within it); None: unbounded."""
+    import datetime as dt
+
     from ml_platform.costs import BATCH, TRAINING, StepRecord
 
     records = []
     for kind, asset, wanted in ((TRAINING, REGISTER_STEP, TRAINING_STEPS), (BATCH, BATCH_STEP, {BATCH_STEP})):
-        for run_id, metadata in _materializations(instance, asset).items():
+        for run_id, (metadata, partitions) in _materializations(instance, asset).items():
+            if kind == BATCH and partitions and not any(_in_period(p, start, end) for p in partitions):
+                continue
             run = instance.get_run_by_id(run_id)
             version = _value(metadata, "version" if kind == TRAINING else "model_version")
             rows = _value(metadata, "rows") if kind == BATCH else None
             for stats in instance.get_run_step_stats(run_id):
                 if (stats.step_key in wanted and getattr(stats.status, "value", None) == "SUCCESS"
                         and stats.start_time is not None and stats.end_time is not None):
+                    started = dt.datetime.fromtimestamp(stats.start_time, dt.UTC).date().isoformat()
+                    if kind == TRAINING and not _in_period(started, start, end):
+                        continue
                     records.append(StepRecord(kind, run_id, run.job_name if run else "", stats.step_key,
                                               max(0.0, stats.end_time - stats.start_time), version, rows))
     return records
@@ -75,17 +89,12 @@ def measured_steps(instance: dg.DagsterInstance) -> list:
 
 def _api_cpu(url: str | None):
     from ml_platform.costs import serving_cpu_from_metrics
+    from ml_platform.monitoring.serving_health import fetch_metrics_text
 
-    if not url:
-        return None, "no API metrics URL configured"
-    import httpx
-
-    try:
-        response = httpx.get(url, timeout=2.0)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        return None, f"API metrics at {url} not reachable ({type(exc).__name__})"
-    cpu = serving_cpu_from_metrics(response.text, source=url)
+    text, why = fetch_metrics_text(url)
+    if text is None:
+        return None, why
+    cpu = serving_cpu_from_metrics(text, source=url)
     return cpu, f"API CPU from {url}" if cpu else f"{url} exposes no process_cpu_seconds_total"
 
 
@@ -123,7 +132,7 @@ def cost_report(context: dg.AssetExecutionContext, config: CostConfig, feature_s
     if start and end and end < start:
         raise dg.Failure(f"cost_report config: end = {config.end!r} is before start = {config.start!r}")
     prices = costs.load_unit_prices(config.prices_path)
-    steps = measured_steps(context.instance)
+    steps = measured_steps(context.instance, start, end)  # compute spent for the same period
     log_dir = feature_store.predictions_log_dir
     log = read_prediction_log(log_dir, start=start, end=end, sources=["api", "stream"], with_features=False)
     days = logged_days(log_dir)

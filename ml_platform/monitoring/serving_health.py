@@ -29,18 +29,28 @@ def _level(value: float | None, warn: float, alert: float) -> str:
     return ALERT if value > alert else WARN if value > warn else OK
 
 
-def parse_api_metrics(text: str) -> dict[str, float]:
-    """Totals from the API's Prometheus text: predictions and prediction errors (all labels summed)."""
-    totals = {"predictions": 0.0, "prediction_errors": 0.0}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN|[+-]Inf)$")
+
+
+def metric_totals(text: str, names: tuple[str, ...]) -> dict[str, float | None]:
+    """Each of `names` summed over its labels in a Prometheus text exposition (None: absent)."""
+    totals: dict[str, float | None] = dict.fromkeys(names)
     for line in text.splitlines():
-        m = re.match(r"^ml_platform_(predictions|prediction_errors)_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
-        if m:
-            totals[m.group(1)] += float(m.group(2))
+        m = _SAMPLE.match(line)
+        if m and m.group(1) in totals:
+            totals[m.group(1)] = (totals[m.group(1)] or 0.0) + float(m.group(2))
     return totals
 
 
-def fetch_api_metrics(url: str | None, timeout_s: float = 2.0) -> tuple[dict[str, float] | None, str]:
-    """(totals, note) from the API's /metrics; (None, why) when it is not configured or not reachable."""
+def parse_api_metrics(text: str) -> dict[str, float]:
+    """Totals from the API's Prometheus text: predictions and prediction errors (all labels summed)."""
+    t = metric_totals(text, ("ml_platform_predictions_total", "ml_platform_prediction_errors_total"))
+    return {"predictions": t["ml_platform_predictions_total"] or 0.0,
+            "prediction_errors": t["ml_platform_prediction_errors_total"] or 0.0}
+
+
+def fetch_metrics_text(url: str | None, timeout_s: float = 2.0) -> tuple[str | None, str]:
+    """(the API's /metrics text, "") or (None, why): not configured, or not reachable."""
     if not url:
         return None, "no API metrics URL configured"
     import httpx
@@ -50,7 +60,13 @@ def fetch_api_metrics(url: str | None, timeout_s: float = 2.0) -> tuple[dict[str
         response.raise_for_status()
     except httpx.HTTPError as exc:
         return None, f"API metrics at {url} not reachable ({type(exc).__name__})"
-    return parse_api_metrics(response.text), f"API metrics from {url}"
+    return response.text, ""
+
+
+def fetch_api_metrics(url: str | None, timeout_s: float = 2.0) -> tuple[dict[str, float] | None, str]:
+    """(totals, note) from the API's /metrics; (None, why) when it is not configured or not reachable."""
+    text, why = fetch_metrics_text(url, timeout_s)
+    return (None, why) if text is None else (parse_api_metrics(text), f"API metrics from {url}")
 
 
 def serving_health(
