@@ -182,6 +182,19 @@ def test_a_crash_midway_leaves_the_previous_rows_of_the_day(tiny_platform, champ
     assert pq.read_table(log_file).equals(previous_log)  # the log file too: untouched
     assert [p.name for p in log_file.parent.iterdir()] == ["predictions.parquet"]  # its temp file removed
 
+    # A swap that fails (the database refuses the day) leaves the log file untouched too.
+    import ml_platform.serving.batch as batch_module
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("simulated: the swap failed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_module, "swap_partition", refused)
+        with pytest.raises(RuntimeError, match="the swap failed"):
+            score_partition(tiny_platform.store, champion, days[0], db)
+    assert pq.read_table(log_file).equals(previous_log)
+    assert [p.name for p in log_file.parent.iterdir()] == ["predictions.parquet"]
+
     # A first-ever run that crashes publishes nothing either.
     fresh = tmp_path / "fresh.duckdb"
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -171,8 +171,9 @@ def score_partition(
             "scored_at": scored_at,
             "seconds": round(seconds_before_swap, 3),
         }
-        swap_partition(duckdb_path, staging, record, lock_timeout_s)
-        log_path = log.commit()  # after the commit: the log never shows rows that were not published
+        # The log file after the commit (it never shows rows that were not published) and before the
+        # database is let go (another run's swap of the day cannot come in between).
+        log_path = swap_partition(duckdb_path, staging, record, lock_timeout_s, after_commit=log.commit)
         timings["swap_s"] = time.perf_counter() - t
     finally:
         log.discard()  # (after a commit: nothing left to discard)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -112,8 +112,12 @@ def read_scored_days(duckdb_path: str | os.PathLike, *, timeout_s: float = 30.0)
         return con.execute(f"SELECT * FROM {PARTITIONS_TABLE} ORDER BY day").df()
 
 
-def swap_partition(duckdb_path: Path, staging: Path, record: dict[str, Any], lock_timeout_s: float) -> None:
-    """Replace the day's rows with the staged ones in one transaction (all or nothing)."""
+def swap_partition(duckdb_path: Path, staging: Path, record: dict[str, Any], lock_timeout_s: float,
+                   after_commit: Callable[[], Any] | None = None) -> Any:
+    """Replace the day's rows with the staged ones in one transaction (all or nothing); then, still
+    holding the database (the writers' lock), call `after_commit` and return what it returns: what
+    must follow the published rows in the same order (the day's prediction-log file) cannot be
+    overtaken by another run's swap of the same day."""
     duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(
         _connect_with_retry(duckdb_path, read_only=False, timeout_s=lock_timeout_s)
@@ -151,6 +155,7 @@ def swap_partition(duckdb_path: Path, staging: Path, record: dict[str, Any], loc
         finally:
             with contextlib.suppress(duckdb.Error):
                 con.execute("DETACH staged")
+        return after_commit() if after_commit is not None else None
 
 
 def _ensure_tables(con, duckdb_path: Path) -> None:
