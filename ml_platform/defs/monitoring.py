@@ -111,16 +111,16 @@ def _rows_table(rows) -> dg.TableMetadataValue:
 
 
 def _check(monitor: str, result) -> dg.AssetCheckResult:
-    from ml_platform.monitoring.status import ALERT, WARN
+    from ml_platform.monitoring.status import ALERT, is_alarm
 
-    alarms = [r for r in result.rows if r.status in (WARN, ALERT)]
+    alarms = [r for r in result.rows if is_alarm(r.status)]
     described = "; ".join(f"{r.metric}: {r.value} ({r.status})" for r in alarms[:5]) or (
         f"{result.status}: " + "; ".join(f"{r.metric}: {r.value}" for r in result.rows[:3])
     )
     return dg.AssetCheckResult(
         asset_key=monitor,
         check_name=status_check_name(monitor),
-        passed=result.status not in (WARN, ALERT),
+        passed=not is_alarm(result.status),
         severity=dg.AssetCheckSeverity.ERROR if result.status == ALERT else dg.AssetCheckSeverity.WARN,
         description=described[:1000],
         metadata={"status": result.status, "day": result.day},
