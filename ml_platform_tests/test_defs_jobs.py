@@ -63,6 +63,17 @@ def _yesterday() -> dt.date:
     return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 
 
+def _failure_message(result, step: str) -> str:
+    """The user error of `step`'s failure in `result` (not Dagster's wrapper)."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_key == step:
+            err = event.step_failure_data.error
+            while err.cause is not None:
+                err = err.cause
+            return err.message
+    raise AssertionError(f"step {step} did not fail")
+
+
 def _assert_day_scored(platform, day: dt.date, champion) -> pd.DataFrame:
     """The day's predictions are exactly its raw transactions, scored by `champion`."""
     got = read_predictions(platform.settings.data_dir / "predictions.duckdb", day)
@@ -81,11 +92,20 @@ def test_retrain_job_registers_a_version_with_links_and_code_version(tiny_platfo
     versions_before = {v.version for v in registry.list_versions()}
     job = _defs(tiny_platform).resolve_job_def("retrain")
     # As the retrain sensor launches it: the drift episode's first day and the reason in the tags.
-    episode = (_yesterday() - dt.timedelta(days=2)).isoformat()
+    # Too recent an episode (no post-drift event 7 days old yet) fails at the training set, saying so.
+    recent = (_yesterday() - dt.timedelta(days=2)).isoformat()
+    failed = job.execute_in_process(instance=instance, raise_on_error=False,
+                                    tags={"ml_platform/retrain_episode": recent})
+    assert not failed.success
+    assert "no post-drift event is mature yet" in _failure_message(failed, "training_set")
+    assert {v.version for v in registry.list_versions()} == versions_before
+    episode = (_yesterday() - dt.timedelta(days=12)).isoformat()
     tags = {"ml_platform/retrain_episode": episode, "ml_platform/retrain_reason": "data_drift alert: amount"}
     result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags)
     assert result.success
     meta = _materialized(result)
+    # The drift split: the history before the episode and half the mature rows after it train.
+    assert meta["training_set"]["split"].startswith(f"drift split: the history before {episode}")
     # Judged on the held-out rows from the episode on, or (too few here) the whole split, saying so.
     assert meta["registered_model"]["compared_on"].startswith("the test split")
     assert f"from {episode} on, fewer than 500" in meta["registered_model"]["compared_on"]

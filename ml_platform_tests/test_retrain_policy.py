@@ -292,7 +292,7 @@ def write_events(raw, d: date, ids, carried=None) -> None:
     raw_events.write_partition([frame.astype({c: "datetime64[us, UTC]" for c in stamps})], raw, d)
 
 
-def test_count_post_drift_labels_counts_only_events_from_the_episode_start(tmp_path):
+def test_count_post_drift_labels_counts_the_mature_labelled_events_from_the_episode_start(tmp_path):
     from ml_platform.sources import labels as lb
 
     raw = tmp_path / "raw"
@@ -307,12 +307,17 @@ def test_count_post_drift_labels_counts_only_events_from_the_episode_start(tmp_p
                               "is_fraud": [r[1] for r in rows], "label_timestamp": [ts] * len(rows)})
         lb.write_labels(lb.coerce_labels(frame), raw, d)
 
-    # arriving Feb 4: a1 (an old event), b1 fraud, b2, c1 fraud; Feb 6: b3
+    # arriving Feb 4: a1 (an old event), b1 fraud, b2, c1 fraud; Feb 6: b3; Feb 11: c2
     feed(date(2026, 2, 4), [("a1", 1), ("b1", 1), ("b2", 0), ("c1", 1)])
     feed(date(2026, 2, 6), [("b3", 0)])
-    # from Feb 2, known by Feb 5: b1, b2, c1 (feed) + b4 (carried) = 4 rows, 2 frauds
-    assert rp.count_post_drift_labels(raw, date(2026, 2, 2), date(2026, 2, 5)) == (4, 2)
-    assert rp.count_post_drift_labels(raw, date(2026, 2, 2), date(2026, 2, 6)) == (5, 2)
-    # from Feb 1, known by Feb 3: only the carried a3 (fraud) and b4
-    assert rp.count_post_drift_labels(raw, date(2026, 2, 1), date(2026, 2, 3)) == (2, 1)
-    assert rp.count_post_drift_labels(raw, date(2026, 2, 3), date(2026, 2, 3)) == (0, 0)
+    feed(date(2026, 2, 11), [("c2", 0)])
+    # Labels settle 7 days after the event: at the end of Feb 8 no event from Feb 2 on is mature
+    # (c1's early chargeback and b4's label are known but do not count yet).
+    assert rp.count_post_drift_labels(raw, date(2026, 2, 2), date(2026, 2, 8)) == (0, 0)
+    # end of Feb 9: Feb 2's events are mature: b1 (fraud), b2, b3 from the feed + b4 carried
+    assert rp.count_post_drift_labels(raw, date(2026, 2, 2), date(2026, 2, 9)) == (4, 1)
+    # end of Feb 10: Feb 3's too, with c1 (fraud); c2's label arrives only on Feb 11
+    assert rp.count_post_drift_labels(raw, date(2026, 2, 2), date(2026, 2, 10)) == (5, 2)
+    assert rp.count_post_drift_labels(raw, date(2026, 2, 2), date(2026, 2, 11)) == (6, 2)
+    # from Feb 1, at the end of Feb 9: a1 (feed, fraud), a3 (carried, fraud) and the four of Feb 2
+    assert rp.count_post_drift_labels(raw, date(2026, 2, 1), date(2026, 2, 9)) == (6, 3)

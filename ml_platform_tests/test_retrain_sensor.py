@@ -85,7 +85,9 @@ def fake_retrain_run(instance, run_key: str, *, fail: bool = False, promoted: bo
 def small_policy(monkeypatch, **kwargs):
     from ml_platform.defs import sensors
 
-    policy = rp.RetrainPolicy(**{"min_labelled_rows": 50, "min_labelled_frauds": 5, **kwargs})
+    # label_settling_days=0: these tests label and evaluate one day (maturity: test_retrain_policy)
+    policy = rp.RetrainPolicy(**{"min_labelled_rows": 50, "min_labelled_frauds": 5, "label_settling_days": 0,
+                                 **kwargs})
     monkeypatch.setattr(sensors, "POLICY", policy)
     monkeypatch.setattr(sensors.evaluate_retrain, "__defaults__", (policy, None))
     return policy

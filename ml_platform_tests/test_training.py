@@ -170,6 +170,14 @@ def test_time_split_excludes_rows_whose_label_arrives_after_the_cut():
     strict = time_split(frame, as_of=T0 + 10 * day, train_frac=0.5, val_frac=0.3, strict_validation=True)
     assert list(strict.validation["transaction_id"]) == ["t4", "t5"]  # t6's label is after t2
     assert strict.rows_without_known_label == 3
+    # Labels settling in 2 days: test events must be at least 2 days older than as_of (day 8 is
+    # the last), so t8 (day 8) stays and nothing else changes; with 3 days t8 is dropped too.
+    settled = time_split(frame, as_of=T0 + 10 * day, train_frac=0.5, val_frac=0.3, settling=2 * day)
+    assert list(settled.test["transaction_id"]) == ["t7", "t8"]
+    settled = time_split(frame, as_of=T0 + 10 * day, train_frac=0.5, val_frac=0.3, settling=3 * day)
+    assert list(settled.test["transaction_id"]) == ["t7"]
+    assert list(settled.validation["transaction_id"]) == ["t4", "t5", "t6"]
+    assert settled.rows_without_known_label == 3  # t2, t9 and the immature t8
 
 
 def test_time_split_rejects_bad_fractions(frame):
@@ -370,3 +378,35 @@ def test_training_on_generated_events_through_the_feature_store(tmp_path):
     metrics = evaluate(model, contract, split.test)
     assert metrics["positives"] >= 5
     assert 0.7 < metrics["roc_auc"] <= 1.0  # measured 0.875 with this config
+
+
+def test_drift_split_trains_on_the_history_and_the_first_mature_post_drift_rows_and_tests_on_the_rest():
+    from ml_platform.training.dataset import drift_split
+
+    day = pd.Timedelta(days=1)
+    # 20 events one per day; the drift starts on day 10; as_of day 20; labels settle in 3 days, so
+    # the mature post-drift events are days 10-17. Day 3's and day 12's labels arrive after as_of;
+    # days 18 and 19 are immature (their labels are known, but they would skew the new world's rows).
+    delays = [1.0] * 20
+    delays[3] = delays[12] = 30.0
+    ev = [T0 + i * day for i in range(20)]
+    frame = pd.DataFrame({
+        "transaction_id": [f"t{i}" for i in range(20)],
+        EVENT_TS: ev,
+        LABEL: [i % 2 for i in range(20)],
+        LABEL_TS: [e + d * day for e, d in zip(ev, delays)],
+    })
+    split = drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day,
+                        train_frac=0.5, val_frac=0.25)
+    # mature post-drift rows with a label known at as_of: days 10, 11, 13, 14, 15, 16, 17 (n = 7);
+    # cuts at sorted[int(3.5)] = day 14 and sorted[int(5.25)] = day 16
+    assert split.train_cut == T0 + 14 * day and split.validation_cut == T0 + 16 * day
+    before = [f"t{i}" for i in range(10) if i != 3]
+    assert list(split.train["transaction_id"]) == [*before, "t10", "t11", "t13"]
+    assert list(split.validation["transaction_id"]) == ["t14", "t15"]
+    assert list(split.test["transaction_id"]) == ["t16", "t17"]
+    assert split.rows_without_known_label == 4  # t3, t12 (late labels), t18, t19 (immature)
+    with pytest.raises(ValueError, match="no post-drift event is mature yet"):
+        drift_split(frame, since=T0 + 18 * day, as_of=T0 + 20 * day, settling=3 * day)
+    with pytest.raises(ValueError, match="train_frac"):
+        drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day, train_frac=0.8, val_frac=0.3)

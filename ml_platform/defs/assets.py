@@ -171,11 +171,17 @@ feature_table_assets = [_feature_table_asset(v) for v in fr.FEATURE_VIEWS if v.a
     ],
     description="Labelled events known at the cut + point-in-time features + request-time features, split by time.",
 )
-def training_set(feature_store: FeatureStoreResource):
+def training_set(context: dg.AssetExecutionContext, feature_store: FeatureStoreResource):
+    from ml_platform.monitoring.retrain_policy import EPISODE_TAG
     from ml_platform.training.pipeline import build_training_set
     from ml_platform.validation import TRAINING_SET_SCHEMA, validate
 
-    built = build_training_set(feature_store.store(), feature_store.data_dir)
+    # A retrain the sensor requested for a drift episode learns and is judged on the new world.
+    drift_since = context.run.tags.get(EPISODE_TAG)
+    try:
+        built = build_training_set(feature_store.store(), feature_store.data_dir, drift_since=drift_since)
+    except ValueError as exc:  # e.g. no mature post-drift rows yet: the message says which
+        raise dg.Failure(f"training_set: {exc}") from exc
     report = validate(built.frame.drop(columns=["split"]), TRAINING_SET_SCHEMA, now=dt.datetime.now(dt.UTC))
     yield dg.MaterializeResult(
         metadata={
@@ -185,6 +191,8 @@ def training_set(feature_store: FeatureStoreResource):
             "as_of": built.as_of.isoformat(),
             "path": dg.MetadataValue.path(str(built.path)),
             "splits": dg.MetadataValue.json(built.split_summary),
+            "split": f"drift split: the history before {drift_since} and half the mature rows after it to train"
+            if drift_since else "time split 60/20/20",
             "feature_refs": dg.MetadataValue.json(list(fr.MODEL_FEATURE_REFS)),
         },
         data_version=dg.DataVersion(built.data_version),
@@ -313,6 +321,10 @@ def registration_metadata(out) -> dict:
         "promoted": out.promoted,
         "reason": out.reason,
         "compared_on": out.compared_on,
+        # The promotion gate's figures on those rows (None: no champion to compare with).
+        "promotion_metric": out.decision.get("metric"),
+        "challenger_metric": out.decision.get("challenger_metric"),
+        "champion_metric": out.decision.get("champion_metric"),
         "tracking_uri": out.tracking_uri,
     }
 

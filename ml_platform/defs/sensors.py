@@ -81,7 +81,8 @@ def evaluate_retrain(instance: dg.DagsterInstance, cursor: str | None, feature_s
         state,
         results,
         outcomes=run_outcomes(instance, state),
-        count_labels=lambda start, day: rp.count_post_drift_labels(paths.raw_dir, start, day),
+        count_labels=lambda start, day: rp.count_post_drift_labels(paths.raw_dir, start, day,
+                                                                   policy.label_settling_days),
         policy=policy,
         now=now or dt.datetime.now(dt.UTC),
     )

@@ -66,9 +66,12 @@ class RetrainPolicy:
     signals: the monitors whose `trigger_status` opens an episode (serving_health is about the
       service, not the world: a retrain cannot fix latency).
     trigger_status: `alert` (a `warn` is statistically real but small: worth a look, not a retrain).
-    min_labelled_rows / min_labelled_frauds: labelled post-drift rows needed to retrain (2,000 rows
-      and 30 frauds: legit labels mature in 7 days, chargebacks in 1-30, so about a week after the
-      drift starts; fewer frauds than that and the new model's validation PR AUC is noise).
+    min_labelled_rows / min_labelled_frauds: mature labelled post-drift rows needed to retrain
+      (`count_post_drift_labels`: 2,000 rows and 40 frauds. Legit labels settle in 7 days and
+      chargebacks take 1-30, so at the demo's volume that is 9-10 days after the drift starts.
+      The retrain's `drift_split` learns from the first half of those rows and validates and
+      tests on the rest; with fewer frauds, the quarter the promotion gate compares on holds
+      under its 10 and the comparison is noise).
     cooldown_days: days between two requests (a retrain and its promotion take effect the next
       monitoring day; 3 days leave room for the new champion's own monitoring to settle).
     quiet_days_to_close: consecutive days without an alarm that end an episode (3: one quiet day
@@ -78,17 +81,20 @@ class RetrainPolicy:
     max_unpromoted_retries: retries of a run whose model did not beat the champion (2, each with at
       least `min_labelled_rows` more post-drift labels than the previous attempt).
     initial_lookback_days: an empty cursor evaluates only the last days of results (7).
+    label_settling_days: how old a post-drift event must be for its labels to count (the features'
+      LABEL_SETTLING, the rule the retrain's `drift_split` applies; 0 counts every known label).
     """
 
     signals: tuple[str, ...] = ("data_drift", "prediction_drift", "model_performance")
     trigger_status: str = ALERT
     min_labelled_rows: int = 2000
-    min_labelled_frauds: int = 30
+    min_labelled_frauds: int = 40
     cooldown_days: int = 3
     quiet_days_to_close: int = 3
     max_failed_retries: int = 1
     max_unpromoted_retries: int = 2
     initial_lookback_days: int = 7
+    label_settling_days: int = field(default_factory=lambda: _features().LABEL_SETTLING.days)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
@@ -97,12 +103,18 @@ class RetrainPolicy:
         _check(self.trigger_status in STATUSES, "trigger_status", self.trigger_status, f"one of {STATUSES}")
         for name, low in (("min_labelled_rows", 1), ("min_labelled_frauds", 0), ("cooldown_days", 0),
                           ("quiet_days_to_close", 1), ("max_failed_retries", 0), ("max_unpromoted_retries", 0),
-                          ("initial_lookback_days", 1)):
+                          ("initial_lookback_days", 1), ("label_settling_days", 0)):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value,
                    f"an integer >= {low}")
         _check(self.min_labelled_frauds <= self.min_labelled_rows, "min_labelled_frauds", self.min_labelled_frauds,
                f"<= min_labelled_rows ({self.min_labelled_rows})")
+
+
+def _features():
+    from ml_platform import features
+
+    return features
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -360,17 +372,26 @@ def _days(first: str, last: str) -> int:
     return (date.fromisoformat(last) - date.fromisoformat(first)).days
 
 
-def count_post_drift_labels(raw_dir: str | Path, start: date, day: date) -> tuple[int, int]:
-    """(labelled rows, frauds) known at the end of `day` among the transactions whose events are on
-    or after `start` (the raw events of [start, day]; a label of an older event does not count)."""
+def count_post_drift_labels(raw_dir: str | Path, start: date, day: date, settling_days: int | None = None
+                            ) -> tuple[int, int]:
+    """(labelled rows, frauds) a retrain at the end of `day` could learn from: the labels known then
+    of the *mature* transactions from `start` on, those of the days [start, day - settling_days]
+    (default: the features' LABEL_SETTLING) whose legit labels have all arrived (the rows
+    `training.dataset.drift_split` uses; the early chargebacks of younger events do not count)."""
+    from datetime import timedelta
+
     from ml_platform import features as fr
     from ml_platform.monitoring.daily import raw_transaction_ids
     from ml_platform.sources.labels import read_known_labels
 
+    settling = fr.LABEL_SETTLING if settling_days is None else timedelta(days=settling_days)
+    last_mature = day - settling  # its events' labels have all arrived by the end of `day`
+    if last_mature < start:
+        return 0, 0
     labels = read_known_labels(raw_dir, until=day, events_since=start)
     if labels.empty:
         return 0, 0
-    post = labels[labels["transaction_id"].isin(raw_transaction_ids(Path(raw_dir), start, day))]
+    post = labels[labels["transaction_id"].isin(raw_transaction_ids(Path(raw_dir), start, last_mature))]
     return len(post), int(post[fr.LABEL].sum())
 
 

@@ -112,6 +112,7 @@ def time_split(
     train_frac: float = 0.6,
     val_frac: float = 0.2,
     strict_validation: bool = False,
+    settling: pd.Timedelta | None = None,
 ) -> TimeSplit:
     """Split by event time with no label leakage.
 
@@ -127,6 +128,11 @@ def time_split(
     longer than the validation window (legit labels settle after ~7 days) `label_ts <= t2` leaves
     the validation split nearly empty. Rows failing their label condition are dropped (counted in
     `rows_without_known_label`), never moved to a later split.
+
+    With `settling` (how long after an event its legit label arrives: `features.LABEL_SETTLING`),
+    validation and test keep only *mature* events, event_ts <= as_of - settling: a younger event
+    is labelled only if it was charged back early, so those rows are nearly all frauds and would
+    inflate the metrics the model is judged (and later monitored) by.
     """
     if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
         raise ValueError(
@@ -144,8 +150,7 @@ def time_split(
             raise ValueError("time_split: no row has a label and a label_timestamp")
         as_of_ts = label_ts[has_label].max()
     else:
-        as_of_ts = pd.Timestamp(as_of)
-        as_of_ts = as_of_ts.tz_localize("UTC") if as_of_ts.tzinfo is None else as_of_ts.tz_convert("UTC")
+        as_of_ts = _utc(as_of)
 
     known = has_label & (label_ts <= as_of_ts) & (event_ts <= as_of_ts)
     times = event_ts[known].sort_values().reset_index(drop=True)
@@ -163,10 +168,12 @@ def time_split(
         )
 
     in_train = has_label & (event_ts < t1) & (label_ts <= t1)
+    mature = event_ts <= (as_of_ts - pd.Timedelta(settling) if settling is not None else as_of_ts)
     in_val = (
         has_label & (event_ts >= t1) & (event_ts < t2) & (label_ts <= (t2 if strict_validation else as_of_ts))
+        & mature
     )
-    in_test = has_label & (event_ts >= t2) & (event_ts <= as_of_ts) & (label_ts <= as_of_ts)
+    in_test = has_label & (event_ts >= t2) & (event_ts <= as_of_ts) & (label_ts <= as_of_ts) & mature
     in_window = has_label & (event_ts <= as_of_ts)
     dropped = int((in_window & ~(in_train | in_val | in_test)).sum())
     return TimeSplit(
@@ -178,6 +185,81 @@ def time_split(
         as_of=as_of_ts,
         rows_without_known_label=dropped,
     )
+
+
+def drift_split(
+    frame: pd.DataFrame,
+    since: pd.Timestamp | str,
+    as_of: pd.Timestamp | str,
+    settling: pd.Timedelta,
+    train_frac: float = 0.5,
+    val_frac: float = 0.25,
+) -> TimeSplit:
+    """The split of a retrain after a drift that started at `since`: learn the new world, judge on it.
+
+    The *mature* post-drift rows are the events in [since, as_of - settling] with a known label:
+    every legit label of those events has arrived (`settling`: `features.LABEL_SETTLING`), so their
+    fraud share is not inflated by the early chargebacks of recent events. Cut times t1 < t2 are the
+    `train_frac` and `train_frac + val_frac` quantiles of their event times; a row goes to
+      train       if event_ts <  since  (all the labelled history before the drift: what did not change
+                                         is still learnt from it) or since <= event_ts < t1, mature
+      validation  if t1 <= event_ts < t2, mature   (the threshold is chosen in the new world)
+      test        if t2 <= event_ts, mature        (the promotion gate compares on these rows)
+    with labels known at `as_of`. Events after `as_of - settling` (only their early chargebacks are
+    known) are left out and counted in `rows_without_known_label`.
+    """
+    if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
+        raise ValueError(
+            f"drift_split needs 0 < train_frac, 0 < val_frac and train_frac + val_frac < 1 "
+            f"(got train_frac={train_frac}, val_frac={val_frac}); the rest is the test split"
+        )
+    for col in (EVENT_TS, LABEL, LABEL_TS):
+        if col not in frame.columns:
+            raise ValueError(f"drift_split: frame has no column {col!r}")
+    since_ts, as_of_ts = _utc(since), _utc(as_of)
+    mature_end = as_of_ts - pd.Timedelta(settling)
+    if not since_ts < mature_end:
+        raise ValueError(
+            f"drift_split: no post-drift event is mature yet (drift since {since_ts.isoformat()}, labels "
+            f"settle {pd.Timedelta(settling)} after the event, as_of {as_of_ts.isoformat()})"
+        )
+    event_ts = pd.to_datetime(frame[EVENT_TS], utc=True)
+    label_ts = pd.to_datetime(frame[LABEL_TS], utc=True)
+    known = frame[LABEL].notna() & label_ts.notna() & (label_ts <= as_of_ts)
+    post = known & (event_ts >= since_ts) & (event_ts <= mature_end)
+    times = event_ts[post].sort_values().reset_index(drop=True)
+    n = len(times)
+    if n < 3:
+        raise ValueError(
+            f"drift_split: only {n} mature labelled rows from {since_ts.isoformat()} to "
+            f"{mature_end.isoformat()}; need at least 3"
+        )
+    t1 = times.iloc[int(n * train_frac)]
+    t2 = times.iloc[min(int(n * (train_frac + val_frac)), n - 1)]
+    if not since_ts < t1 < t2:
+        raise ValueError(
+            f"drift_split: the post-drift cuts coincide ({t1.isoformat()}, {t2.isoformat()}): too few distinct "
+            "event times after the drift; wait for more labelled data"
+        )
+    in_train = known & ((event_ts < since_ts) | (post & (event_ts < t1)))
+    in_val = post & (event_ts >= t1) & (event_ts < t2)
+    in_test = post & (event_ts >= t2)
+    in_window = frame[LABEL].notna() & label_ts.notna() & (event_ts <= as_of_ts)
+    dropped = int((in_window & ~(in_train | in_val | in_test)).sum())
+    return TimeSplit(
+        train=frame[in_train.to_numpy()].reset_index(drop=True),
+        validation=frame[in_val.to_numpy()].reset_index(drop=True),
+        test=frame[in_test.to_numpy()].reset_index(drop=True),
+        train_cut=t1,
+        validation_cut=t2,
+        as_of=as_of_ts,
+        rows_without_known_label=dropped,
+    )
+
+
+def _utc(value: pd.Timestamp | str) -> pd.Timestamp:
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def data_version(frame: pd.DataFrame) -> str:

@@ -29,7 +29,7 @@ from ml_platform.monitoring.reference import build_reference
 from ml_platform.settings import DEFAULT_PROMOTION_MARGIN, DEFAULT_PROMOTION_METRIC
 from ml_platform.sources import raw_events
 from ml_platform.training.contract import ModelContract
-from ml_platform.training.dataset import build_training_frame, data_version, time_split
+from ml_platform.training.dataset import build_training_frame, data_version, drift_split, time_split
 from ml_platform.training.model_types import DEFAULT_MODEL_TYPE
 from ml_platform.values import is_missing
 
@@ -62,16 +62,24 @@ class BuiltTrainingSet:
     split_summary: dict
 
 
-def build_training_set(store, data_dir: Path, as_of=None, feature_refs=fr.MODEL_FEATURE_REFS) -> BuiltTrainingSet:
+def build_training_set(store, data_dir: Path, as_of=None, feature_refs=fr.MODEL_FEATURE_REFS,
+                       drift_since=None) -> BuiltTrainingSet:
     """Labelled events known at `as_of` (default: the newest label) + point-in-time features +
-    request-time features, with a leak-free time split recorded in a `split` column."""
+    request-time features, with a leak-free split recorded in a `split` column: `time_split`, or for
+    a retrain after a drift that started on `drift_since` (a date), `drift_split` (the history before
+    the drift and the first half of the mature post-drift rows to train, the rest of them to
+    validate and test)."""
     raw_dir = Path(data_dir) / "raw"
     as_of = as_of or raw_events.latest_label_time(raw_dir)
     if as_of is None:
         raise FileNotFoundError(f"no raw transactions under {raw_dir}: materialize raw_transactions first")
     labelled = raw_events.labelled_events(raw_dir, as_of)
     frame = build_training_frame(store, labelled, feature_refs)
-    split = time_split(frame, as_of=as_of)
+    if drift_since is None:
+        split = time_split(frame, as_of=as_of, settling=fr.LABEL_SETTLING)
+    else:
+        since = pd.Timestamp(raw_events.parse_date(drift_since, "drift_since"), tz="UTC")
+        split = drift_split(frame, since=since, as_of=as_of, settling=fr.LABEL_SETTLING)
     parts = {"train": split.train, "validation": split.validation, "test": split.test}
     frame = pd.concat([p.assign(**{SPLIT: name}) for name, p in parts.items()], ignore_index=True)
     version = data_version(frame)
@@ -223,7 +231,8 @@ def register_candidate(data_dir: Path, registry, metric: str = DEFAULT_PROMOTION
             "train_seconds": info["train_seconds"]}
     code_version = code_version or current_code_version()
     # What monitoring compares the model's serving days with, stored with the model itself.
-    reference = build_reference(model, contract, frame, evaluation["test"], data_version=version)
+    reference = build_reference(model, contract, frame, evaluation["test"], data_version=version,
+                                since=compare_since)
     with tempfile.TemporaryDirectory() as tmp:
         reference_dir = reference.save(Path(tmp) / REFERENCE_ARTIFACT_DIR)
         registered = registry.log_and_register(
