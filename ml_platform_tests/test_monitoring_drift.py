@@ -363,3 +363,38 @@ def test_a_profile_built_with_other_bins_is_refused_not_silently_used():
     profile = ReferenceProfile.from_frame(_frame(2000, 0))
     with pytest.raises(ValueError, match=r"numeric_bins = 5, but the ReferenceProfile was built with 20"):
         detect_drift(profile, _frame(2000, 1), thresholds=DriftThresholds(numeric_bins=5))
+
+
+def _clustered_days(days: int, rows: int, seed: int, day_sd: float) -> tuple[pd.DataFrame, np.ndarray]:
+    """`days` days of `rows` rows whose `rate` column has a day-level offset (sd `day_sd`, as a
+    merchant's fraud rate moves with its week) plus row noise; `steady` has no day effect."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.normal(0.0, day_sd, days)
+    day = np.repeat(np.arange(days), rows)
+    frame = pd.DataFrame({"rate": offsets[day] + rng.normal(0.0, 1.0, days * rows),
+                          "steady": rng.normal(0.0, 1.0, days * rows)})
+    return frame, day
+
+
+def test_period_effects_measure_the_day_to_day_variation_and_floors_use_it():
+    from ml_platform.monitoring.drift import period_effects
+
+    reference, day = _clustered_days(30, 800, seed=1, day_sd=0.25)
+    effects = period_effects(reference, day)
+    # One day against all: the clustered column differs far more than sampling noise allows
+    # (KS noise at 800 rows is ~0.03); the steady column only by noise.
+    assert effects["rate"] > 0.12 and effects["steady"] < 0.07
+    assert period_effects(reference, day, min_rows=801) == {}  # no day large enough
+    # A new day of the same world: the day-level offset alarms without the floors, not with them.
+    new_day, _ = _clustered_days(1, 3000, seed=7, day_sd=0.25)
+    new_day["rate"] += 0.3  # an ordinary day, 1.2 sd of the day effect away
+    plain = detect_drift(reference, new_day)
+    assert plain.to_frame().set_index("feature").loc["rate", "status"] == "alert"
+    floors = {c: 2.0 * e for c, e in effects.items()}
+    floored = detect_drift(reference, new_day, effect_floors=floors).to_frame().set_index("feature")
+    assert floored.loc["rate", "status"] == "warn"  # significant, but within the column's own days
+    assert f"{floors['rate']:.3g}" in floored.loc["rate", "note"]
+    # A real shift still alerts through the floor.
+    shifted = new_day.assign(rate=new_day["rate"] + 1.5)
+    assert detect_drift(reference, shifted, effect_floors=floors).to_frame().set_index(
+        "feature").loc["rate", "status"] == "alert"

@@ -77,3 +77,19 @@ def test_the_sample_is_bounded_and_seeded():
 def test_a_frame_without_splits_is_refused():
     with pytest.raises(ValueError, match="no `split` column"):
         build_reference(_AmountModel(), CONTRACT, _training_frame().drop(columns="split"), {}, data_version="v")
+
+
+def test_a_model_retrained_after_a_drift_is_monitored_against_the_rows_since_the_drift():
+    frame = _training_frame(per_day=300)
+    since = (pd.Timestamp("2026-01-01") + pd.Timedelta(days=50)).date()
+    ref = build_reference(_AmountModel(), CONTRACT, frame, {}, data_version="v", since=since)
+    after = frame[frame["day"] >= 50]  # 10 days x 300 rows, all splits
+    assert sorted(ref.inputs["amount"]) == sorted(after["amount"])
+    assert "the drift this model was retrained for" in ref.summary["reference_note"]
+    # The day-to-day variation of each input is measured on those days (300 rows each).
+    assert set(ref.day_to_day_effects) == set(CONTRACT.input_columns)
+    assert all(0 < e < 0.2 for e in ref.day_to_day_effects.values())
+    # Fewer rows than MIN_STEADY_ROWS since the drift: the steady rows, as for any model.
+    late = build_reference(_AmountModel(), CONTRACT, frame, {}, data_version="v",
+                           since=(pd.Timestamp("2026-01-01") + pd.Timedelta(days=58)).date())
+    assert len(late.inputs) == int((frame["day"] >= 30).sum())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -84,10 +85,12 @@ class DriftThresholds:
 
 def detect_drift(reference: pd.DataFrame | ReferenceProfile, current: pd.DataFrame, *, columns=None,
                  categorical=None, numeric=None, thresholds: DriftThresholds | None = None,
-                 workers: int | None = None) -> DriftReport:
+                 workers: int | None = None, effect_floors: Mapping[str, float] | None = None) -> DriftReport:
     """Compare `current` with `reference` (a DataFrame, or a ReferenceProfile built from one) column by
     column. `columns`: which (default: all of the reference); `categorical` / `numeric`: force a
-    column's kind; `workers`: threads over columns (default min(4, cores))."""
+    column's kind; `workers`: threads over columns (default min(4, cores)); `effect_floors`: a higher
+    effect floor for some columns ({name: floor}, e.g. from `period_effects`: a column whose
+    days differ this much among themselves alerts only past it)."""
     t = thresholds if thresholds is not None else DriftThresholds()
     if not isinstance(t, DriftThresholds):
         raise TypeError(f"thresholds must be a DriftThresholds, got {type(t).__name__}")
@@ -143,8 +146,31 @@ def detect_drift(reference: pd.DataFrame | ReferenceProfile, current: pd.DataFra
             compared = list(pool.map(task, names))
     else:
         compared = [task(n) for n in names]
-    cols = _decide(compared, t)
+    cols = _decide(compared, t, effect_floors or {})
     return _report(cols, t, n_reference, len(current), extra)
+
+
+def period_effects(frame: pd.DataFrame, periods: pd.Series, *, min_rows: int = 200,
+                   thresholds: DriftThresholds | None = None) -> dict[str, float]:
+    """How much each column of `frame` differs between its own periods (e.g. the days of a
+    reference): {column: the largest effect size (KS / Jensen-Shannon distance) of one period
+    against the whole frame}, over the periods of at least `min_rows` rows (fewer than 3: {}).
+    Real data is clustered (a day's transactions share merchants, bursts, news), so a day differs
+    from the rest by more than sampling noise; a serving day that differs no more than the
+    reference's own days did is not drift."""
+    periods = pd.Series(np.asarray(periods), index=frame.index)
+    sizes = periods.value_counts()
+    chosen = sizes[sizes >= min_rows].index
+    if len(chosen) < 3:
+        return {}
+    profile = ReferenceProfile.from_frame(frame, thresholds=thresholds)
+    largest: dict[str, float] = {}
+    for period in chosen:
+        report = detect_drift(profile, frame[periods == period], thresholds=thresholds)
+        for col in report.columns:
+            if col.effect_size is not None and math.isfinite(col.effect_size):
+                largest[col.feature] = max(largest.get(col.feature, 0.0), float(col.effect_size))
+    return largest
 
 
 def _current_series(current: pd.DataFrame, by_name: dict, name: str) -> pd.Series | None:
@@ -299,7 +325,7 @@ def _category_plot(labels, rs, cs, n_ref_cat, top) -> dict:
 
 
 # ----------------------------------------------------------------------------- statuses
-def _decide(compared: list[_Compared], t: DriftThresholds) -> list[ColumnDrift]:
+def _decide(compared: list[_Compared], t: DriftThresholds, effect_floors: Mapping[str, float]) -> list[ColumnDrift]:
     """Correct every test of the report together, then give each column its status and note."""
     family: list[tuple[int, str, float]] = []
     for i, c in enumerate(compared):
@@ -320,6 +346,7 @@ def _decide(compared: list[_Compared], t: DriftThresholds) -> list[ColumnDrift]:
             col.p_value_adjusted = col.null_p_value_adjusted
         elif col.test in ("ks", "chi2"):
             floor = t.numeric_effect_floor if col.test == "ks" else t.categorical_effect_floor
+            floor = max(floor, float(effect_floors.get(col.feature, 0.0)))
             parts.append(_rule(col.p_value_adjusted, col.effect_size, floor, t.alpha))
             if parts[-1] != OK:
                 col.reasons.append("distribution")

@@ -112,25 +112,47 @@ def model_performance(
         )
         statuses = []
         span = f"{len(mature_parts)} mature day(s) of the last {thresholds.window_days}"
-        for metric in thresholds.metrics:
+        counts = f"{window_metrics['rows']} labelled rows, {window_metrics['positives']} frauds, {span}"
+        bounds = {}
+        for metric in (*thresholds.metrics, *(m for m in _NAMES if m not in thresholds.metrics)):
             value = window_metrics.get(metric)
             ref = reference_metrics.get(metric)
+            shown = "-" if value is None or not enough else f"{value:.3f}"
+            if metric not in thresholds.metrics:  # shown, never alerted (see PerformanceThresholds)
+                rows.append(DashboardRow(f"{_NAMES[metric]} ({thresholds.window_days}-day window, shown)",
+                                         "-" if ref is None else f"champion {ref:.3f}", shown,
+                                         OK if shown != "-" else PENDING, "depends on the share of frauds "
+                                         "charged back so far: not alerted"))
+                continue
             floor = None if ref is None else ref * thresholds.relative_floor_alert
             warn_floor = None if ref is None else ref * thresholds.relative_floor_warn
+            detail = counts
             if not enough or value is None:
                 s = PENDING
-            elif floor is None:
+            elif floor is None or value >= warn_floor:
                 s = OK
             else:
-                s = ALERT if value < floor else WARN if value < warn_floor else OK
+                # Alert when even the upper bound is under the alert floor; warn when the value is
+                # under the warn floor and the bound under the champion's value; else noise.
+                bound = upper_bound(labelled, metric, thresholds, seed=day.toordinal())
+                bounds[metric] = bound
+                if bound is not None and bound < floor:
+                    s, verdict = ALERT, f"< the floor {floor:.3f}"
+                elif bound is not None and value < warn_floor and bound < ref:
+                    s, verdict = WARN, f"< champion {ref:.3f}"
+                else:
+                    s, verdict = OK, ">= the floor: within noise" if bound is not None else "not computable"
+                bound_text = "-" if bound is None else f"{bound:.3f}"
+                detail = f"{counts}; {thresholds.confidence:.0%} upper bound {bound_text} {verdict}"
             statuses.append(s)
             rows.append(
                 DashboardRow(
                     f"{_NAMES[metric]} ({thresholds.window_days}-day window)",
-                    "-" if floor is None else f"< {floor:.3f} ({thresholds.relative_floor_alert:g} x champion {ref:.3f})",
+                    "-" if floor is None else f"< {floor:.3f} ({thresholds.relative_floor_alert:g} x champion {ref:.3f})"
+                    ", significant",
                     "pending" if value is None or not enough else f"{value:.3f}",
                     s,
-                    f"{window_metrics['rows']} labelled rows, {window_metrics['positives']} frauds, {span}",
+                    detail,
                 )
             )
         accuracy = window_metrics.get("accuracy")
@@ -189,6 +211,57 @@ def model_performance(
         },
         model_version=model_version,
     )
+
+
+def upper_bound(labelled: pd.DataFrame, metric: str, thresholds: PerformanceThresholds, seed: int = 0) -> float | None:
+    """The upper `thresholds.confidence` bound of `metric` over `labelled` (label, probability,
+    decision, and user_id when present) from a stratified cluster bootstrap: a card holder's
+    transactions are resampled together (an account takeover is a burst of frauds that a model
+    catches or misses as one, so rows are not independent), card holders with a fraud and without
+    separately, so every resample keeps the window's fraud share. Rows without a user_id are their
+    own clusters."""
+    y = labelled[fr.LABEL].to_numpy(dtype="int64")
+    scores = labelled["probability"].to_numpy(dtype="float64")
+    flagged = (labelled["decision"] == FLAGGED).to_numpy()
+    if y.min(initial=1) == 1 or y.max(initial=0) == 0:
+        return None
+    keys = labelled["user_id"] if "user_id" in labelled.columns else pd.Series(np.arange(len(y)))
+    cluster = pd.factorize(keys.fillna(-1).to_numpy() if keys.isna().any() else keys.to_numpy())[0]
+    has_fraud = np.bincount(cluster, weights=y, minlength=cluster.max() + 1) > 0
+    strata = [np.flatnonzero(has_fraud), np.flatnonzero(~has_fraud)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(thresholds.bootstrap_resamples):
+        counts = np.zeros(len(has_fraud))
+        for members in strata:
+            counts[members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)))
+        value = _weighted_metric(metric, y, scores, flagged, counts[cluster])
+        if value is not None:
+            values.append(value)
+    return float(np.quantile(values, thresholds.confidence)) if values else None
+
+
+def _weighted_metric(metric: str, y: np.ndarray, scores: np.ndarray, flagged: np.ndarray,
+                     w: np.ndarray) -> float | None:
+    keep = w > 0
+    y, scores, flagged, w = y[keep], scores[keep], flagged[keep], w[keep]
+    if len(np.unique(y)) < 2:
+        return None
+    if metric == "roc_auc":
+        return float(roc_auc_score(y, scores, sample_weight=w))
+    if metric == "pr_auc":
+        return float(average_precision_score(y, scores, sample_weight=w))
+    tp, fp, fn = (float(w[flagged & (y == 1)].sum()), float(w[flagged & (y == 0)].sum()),
+                  float(w[~flagged & (y == 1)].sum()))
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    if metric == "precision":
+        return precision
+    if metric == "recall":
+        return recall
+    if precision is None or recall is None:
+        return None
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def _metrics_of(labelled: pd.DataFrame) -> dict:

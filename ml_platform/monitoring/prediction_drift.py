@@ -2,8 +2,10 @@
 
 Two signals on the day's served predictions (every source, one row per transaction):
 - the flag rate (share of `fraud` decisions) against the validation flag rate at the same
-  threshold: alert when a binomial test rejects "same rate" at `alpha` AND the rate moved by at
-  least `positive_rate_ratio_alert` (up, or down by the same factor), warn at the warn ratio;
+  threshold: alert when a test rejects "same rate" at `alpha` AND the rate moved by at least
+  `positive_rate_ratio_alert` (up, or down by the same factor), warn at the warn ratio. The test
+  is a beta-binomial with the day-to-day variation of the model's own held-out days (flags come in
+  bursts: `rate_test`), the binomial for a reference without it;
 - the score distribution against the validation scores, with the drift library's rules
   (KS + an effect-size floor), so a shift of the whole score mass is seen before it crosses the
   threshold.
@@ -15,10 +17,10 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ml_platform.monitoring.config import PredictionThresholds
 from ml_platform.monitoring.drift import DriftThresholds, detect_drift
+from ml_platform.monitoring.rate_test import rate_pvalue
 from ml_platform.monitoring.reference import SCORE, MonitoringReference
 from ml_platform.monitoring.results import DashboardRow, MonitorResult
 from ml_platform.monitoring.status import ALERT, NO_DATA, OK, WARN, worst
@@ -27,8 +29,10 @@ MONITOR = "prediction_drift"
 FLAGGED = "fraud"  # the decision that flags a transaction (the prediction log's encoding)
 
 
-def flag_rate_status(flagged: int, rows: int, reference_rate: float, t: PredictionThresholds) -> tuple[str, float | None, float]:
-    """(status, p-value, ratio) of `flagged` of `rows` against `reference_rate`."""
+def flag_rate_status(flagged: int, rows: int, reference_rate: float, t: PredictionThresholds,
+                     rho: float = 0.0) -> tuple[str, float | None, float]:
+    """(status, p-value, ratio) of `flagged` of `rows` against `reference_rate`, with the day-to-day
+    overdispersion `rho` of the model's held-out days (`rate_test`)."""
     if rows < t.min_rows:
         return NO_DATA, None, float("nan")
     rate = flagged / rows
@@ -36,7 +40,7 @@ def flag_rate_status(flagged: int, rows: int, reference_rate: float, t: Predicti
     # compare with half a flag in the validation set instead (the usual continuity floor).
     base = max(reference_rate, 0.5 / max(rows, 1))
     ratio = rate / base if rate >= base else base / max(rate, 0.5 / rows)
-    p_value = float(stats.binomtest(flagged, rows, min(max(base, 1e-12), 1 - 1e-12)).pvalue)
+    p_value = rate_pvalue(flagged, rows, min(max(base, 1e-12), 1 - 1e-12), rho)
     if p_value >= t.alpha:
         return OK, p_value, ratio
     if ratio >= t.positive_rate_ratio_alert:
@@ -62,7 +66,9 @@ def prediction_drift(
     ref_rate = reference.positive_rate
     flagged = int((scored["decision"] == FLAGGED).sum()) if rows else 0
     rate = flagged / rows if rows else None
-    rate_status, p_value, ratio = flag_rate_status(flagged, rows, ref_rate, thresholds)
+    rho = reference.flag_rate_rho
+    rate_status, p_value, ratio = flag_rate_status(flagged, rows, ref_rate, thresholds, rho)
+    test = "binomial" if rho == 0 else f"beta-binomial (rho {rho:.2g} from the held-out days)"
     up, down = ref_rate * thresholds.positive_rate_ratio_alert, ref_rate / thresholds.positive_rate_ratio_alert
     out_rows = [
         DashboardRow(
@@ -70,7 +76,7 @@ def prediction_drift(
             f"> {up:.2%} or < {down:.2%} (validation {ref_rate:.2%}), p < {thresholds.alpha:g}",
             "no predictions" if rate is None else f"{rate:.2%} ({flagged} of {rows})",
             rate_status,
-            "" if p_value is None else f"binomial p = {p_value:.2g}, x{ratio:.2f} the validation rate",
+            "" if p_value is None else f"{test} p = {p_value:.2g}, x{ratio:.2f} the validation rate",
         )
     ]
     score_status = NO_DATA

@@ -54,6 +54,18 @@ class MonitoringReference:
         return float(self.summary["threshold"])
 
     @property
+    def flag_rate_rho(self) -> float:
+        """The day-to-day overdispersion of the flag rate on the held-out days (`rate_test`; 0 for a
+        reference built before it was measured: the binomial test)."""
+        return float(self.summary.get("flag_rate_rho") or 0.0)
+
+    @property
+    def day_to_day_effects(self) -> dict[str, float]:
+        """{input: the largest effect size of one reference day against the whole reference}
+        (`drift.period_effects`; {} for a reference built before it was measured)."""
+        return {str(k): float(v) for k, v in (self.summary.get("day_to_day_effects") or {}).items()}
+
+    @property
     def metrics(self) -> dict[str, float]:
         """Held-out (test split) metrics of the model at registration: roc_auc, pr_auc, precision, ..."""
         return dict(self.summary.get("metrics") or {})
@@ -105,11 +117,16 @@ def build_reference(
     data_version: str,
     max_rows: int = DEFAULT_REFERENCE_ROWS,
     seed: int = 0,
+    since=None,
 ) -> MonitoringReference:
     """The reference of `model` from its training set (a frame with a `split` column): a sample of
     the steady-state rows' model inputs, the held-out steady-state rows' scores and labels, the
-    summary (see the module docstring)."""
+    summary (see the module docstring). A model retrained after a drift that started on `since`
+    (a date) is monitored against the world it was retrained for: the rows from `since` on, when
+    there are at least MIN_STEADY_ROWS of them."""
     from ml_platform.features import EVENT_TS, history_warmup
+    from ml_platform.monitoring.drift import period_effects
+    from ml_platform.monitoring.rate_test import MIN_DAYS, daily_rate
     from ml_platform.training.model import fraud_probability
 
     if "split" not in training_frame.columns:
@@ -120,6 +137,11 @@ def build_reference(
     cut = event_ts.min() + warmup
     steady = training_frame[event_ts >= cut]
     note = f"rows from {cut.date()} on (the features' {warmup.days}-day warm-up left out)"
+    if since is not None:
+        after = training_frame[event_ts >= pd.Timestamp(str(since), tz="UTC")]
+        if len(after) >= MIN_STEADY_ROWS:
+            steady, cut = after, pd.Timestamp(str(since), tz="UTC")
+            note = f"rows from {cut.date()} on (the drift this model was retrained for)"
     if len(steady) < min(MIN_STEADY_ROWS, len(training_frame) // 2):
         # A history shorter than the warm-up: the latest third is the closest there is to steady state.
         steady = training_frame[event_ts >= event_ts.quantile(2 / 3)]
@@ -128,6 +150,8 @@ def build_reference(
     if len(steady) > max_rows:
         steady = steady.sample(n=max_rows, random_state=seed)
     inputs = contract.model_input(steady).reset_index(drop=True)
+    # How much each input differs between the reference's own days (data drift's per-column floor).
+    day_effects = period_effects(inputs, pd.to_datetime(steady[EVENT_TS], utc=True).dt.date.to_numpy())
     held_out = steady[steady["split"].isin(["validation", "test"]) & steady[contract.label].notna()]
     if len(held_out) < MIN_STEADY_ROWS // 4:
         held_out = training_frame[training_frame["split"].isin(["validation", "test"])]
@@ -137,9 +161,18 @@ def build_reference(
     scores = fraud_probability(model, contract, held_out)
     frame = pd.DataFrame({SCORE: scores.astype("float64"), LABEL: held_out[contract.label].astype("int64").to_numpy()})
     threshold = float(contract.decision_threshold)
+    flags_by_day = pd.DataFrame({"day": pd.to_datetime(held_out[EVENT_TS], utc=True).dt.date.to_numpy(),
+                                 "flag": scores >= threshold}).groupby("day")["flag"].agg(["sum", "size"])
+    daily = daily_rate(flags_by_day["sum"].to_numpy(), flags_by_day["size"].to_numpy())
     summary = {
         "threshold": threshold,
-        "positive_rate": float(np.mean(scores >= threshold)),
+        # The flag rate of the full held-out days (the youngest days of a training set hold only
+        # their early chargebacks), and how much it varies from day to day.
+        "positive_rate": daily.rate if daily.days >= MIN_DAYS and daily.rate is not None
+        else float(np.mean(scores >= threshold)),
+        "flag_rate_rho": daily.rho,
+        "day_to_day_effects": day_effects,
+        "flag_rate_days": daily.days,
         "label_rate": float(frame[LABEL].mean()),
         "score_rows": len(frame),
         "reference_rows": len(inputs),
