@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ml_platform.dagster_home import prepare_dagster_home
 from ml_platform.settings import (
     DEFAULT_HTTP_PORT,
     DEFAULT_STREAM_BATCH_SIZE,
@@ -25,21 +26,7 @@ from ml_platform.settings import (
     load_settings,
 )
 
-DAGSTER_YAML = """\
-# Written by ml-platform: a local Dagster instance under the data directory.
-telemetry:
-  enabled: false
-"""
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def prepare_dagster_home(settings: Settings) -> None:
-    """Create DAGSTER_HOME (under data/ by default) and point this process at it."""
-    settings.ensure_dirs()
-    cfg = settings.dagster_home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
 
 
 def venv_command(executable: str, module: str) -> str:
@@ -63,11 +50,21 @@ def main() -> None:
               help="Merchants.")
 @click.option("--txns-per-user-per-day", default=SyntheticDefaults.txns_per_user_per_day, show_default=True,
               help="Mean transactions per user a day.")
+@click.option("--fraud-rate", default=SyntheticDefaults.fraud_rate, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of fraudulent transactions.")
 @click.option("--seed", default=SyntheticDefaults.seed, show_default=True, help="Seed of the synthetic generator.")
 @click.option("--drift-start", default=None, help="Shift distributions from this date (YYYY-MM-DD).")
-def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float, seed: int,
-         drift_start: str | None) -> None:
-    """Generate demo data and materialize the whole asset graph through Dagster."""
+@click.option("--scenario", type=click.Choice(["drift", "quiet"]), default=None,
+              help="Instead: the closed-loop scenario, day by day through Dagster's schedule and sensors "
+              "(the initial champion trained on --days of history first).")
+@click.option("--scenario-days", default=60, show_default=True, type=click.IntRange(2, 366),
+              help="Days the scenario runs day by day.")
+@click.option("--drift-day", default=40, show_default=True, type=click.IntRange(2, 366),
+              help="The drift scenario's first drifted day.")
+def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float, fraud_rate: float, seed: int,
+         drift_start: str | None, scenario: str | None, scenario_days: int, drift_day: int) -> None:
+    """Generate demo data and materialize the whole asset graph through Dagster; or, with
+    --scenario, run the closed loop for --scenario-days simulated days and check its goals."""
     if days < SyntheticDefaults.min_demo_days:
         # Legit labels settle 7 days after the event and training may only use labels known at its
         # cut, so shorter histories leave the train split without enough labelled rows.
@@ -77,6 +74,13 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
             param_hint="--days",
         )
     settings = load_settings()
+    if scenario:
+        if drift_start:
+            raise click.BadParameter("a scenario places its drift itself (--drift-day)", param_hint="--drift-start")
+        _run_scenario(settings, scenario, history_days=days, days=scenario_days, drift_day=drift_day,
+                      n_users=n_users, n_merchants=n_merchants, txns_per_user_per_day=txns_per_user_per_day,
+                      fraud_rate=fraud_rate, seed=seed)
+        return
     prepare_dagster_home(settings)
     started = time.monotonic()
 
@@ -90,6 +94,7 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
         "n_users": n_users,
         "n_merchants": n_merchants,
         "txns_per_user_per_day": txns_per_user_per_day,
+        "fraud_rate": fraud_rate,
         "drift_start": drift_start,
     }
     outcome = run_training_pipeline(settings, start=start, end=end, event_source=event_source)
@@ -106,6 +111,30 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
     click.echo(f"  Dagster home: {settings.dagster_home}")
     click.echo(f"  MLflow:       {settings.mlflow_tracking_uri}")
     click.echo(f"                {venv_command('mlflow', 'mlflow')} ui --backend-store-uri {settings.mlflow_tracking_uri}")
+
+
+def _run_scenario(settings: Settings, name: str, **plan_fields) -> None:
+    """`demo --scenario`: the scenario's table as it runs, its goals, where its runs and report are.
+    Exits 1 when a goal is missed."""
+    from ml_platform.defs.simulation import run_scenario, scenario_env, scenario_settings
+    from ml_platform.scenario import ScenarioPlan
+
+    try:
+        plan = ScenarioPlan(name, **plan_fields)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    report = run_scenario(settings, plan, echo=click.echo)
+    scenario = scenario_settings(settings, name)
+    click.echo("\nGoals:\n" + report.goals_text())
+    if report.rollback:
+        click.echo(f"Rollback drill: {report.rollback}")
+    env = " ".join(f"{k}={v}" for k, v in scenario_env(scenario).items() if k in ("ML_PLATFORM_DATA_DIR",))
+    click.echo(f"\nReport: {settings.reports_dir / f'scenario_{name}.json'}")
+    click.echo(f"The scenario's runs, with their tags, in the Dagster UI: {env} "
+               f"{venv_command('ml-platform', 'ml_platform.cli')} ui")
+    if not report.ok:
+        click.echo("Some goals were missed (above).", err=True)
+        sys.exit(1)
 
 
 SCORED_DAYS = 14  # the demo scores the last two weeks: labelled performance has mature days to show

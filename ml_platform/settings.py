@@ -46,6 +46,7 @@ class SyntheticDefaults:
     n_users = 5000
     n_merchants = 500
     txns_per_user_per_day = 0.6
+    fraud_rate = 0.008  # target share of fraudulent transactions
     demo_days = 75  # the features' 37-day warm-up, then a month of steady state (see features.history_warmup)
     label_maturity_days = 7  # a legit label is confirmed this long after the event
     min_demo_days = 21  # labels settle 7 days after the event: shorter histories cannot split

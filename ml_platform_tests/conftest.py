@@ -13,6 +13,14 @@ from fixtures_platform import TEST_REDIS_URL
 warnings.filterwarnings("ignore", message=".*noload.*")
 
 
+def pytest_collection_finish(session):
+    """Start the two 60-day scenarios now when test_scenarios will run: they overlap the suite."""
+    if any(item.nodeid.split("::")[0].endswith("test_scenarios.py") for item in session.items):
+        import scenario_runs
+
+        scenario_runs.start()
+
+
 @pytest.fixture()
 def settings(tmp_path, monkeypatch):
     """Settings pointing at a fresh temp data dir (and a SQLite MLflow store inside it)."""

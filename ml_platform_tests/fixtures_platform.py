@@ -28,6 +28,7 @@ import pytest
 import redis
 
 from ml_platform import features as fr
+from ml_platform.featurestore.redis_server import free_port
 from ml_platform.settings import Settings
 
 TEST_REDIS_URL = os.environ.get("ML_PLATFORM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -238,12 +239,6 @@ def tiny_platform(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- a real server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_to_json(settings: Settings) -> str:

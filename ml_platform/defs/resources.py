@@ -109,6 +109,7 @@ class EventSourceResource(dg.ConfigurableResource):
     n_users: int = SyntheticDefaults.n_users
     n_merchants: int = SyntheticDefaults.n_merchants
     txns_per_user_per_day: float = SyntheticDefaults.txns_per_user_per_day
+    fraud_rate: float = SyntheticDefaults.fraud_rate
     drift_start: str | None = None
     import_path: str | None = None
     labels_path: str | None = None
@@ -122,6 +123,7 @@ class EventSourceResource(dg.ConfigurableResource):
             n_users=self.n_users,
             n_merchants=self.n_merchants,
             txns_per_user_per_day=self.txns_per_user_per_day,
+            fraud_rate=self.fraud_rate,
             start=start,
             days=days,
             as_of=as_of,

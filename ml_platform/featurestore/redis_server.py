@@ -103,7 +103,7 @@ def _quoted(path: Path) -> str:
     return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -187,7 +187,7 @@ class EmbeddedRedis:
                 f"stop it or delete {self.dir} and retry"
             )
         self.pid_path.unlink(missing_ok=True)
-        port = _free_port()
+        port = free_port()
         password = secrets.token_urlsafe(24)
         conf = self.dir / "redis.conf"
         conf.write_text(

@@ -122,7 +122,7 @@ class GeneratorConfig:
     txns_per_user_per_day: float = SyntheticDefaults.txns_per_user_per_day
     start: date = date(2024, 1, 1)
     days: int = 30
-    fraud_rate: float = 0.008  # target share of fraudulent transactions
+    fraud_rate: float = SyntheticDefaults.fraud_rate  # target share of fraudulent transactions
     label_maturity_days: int = SyntheticDefaults.label_maturity_days  # a legit label is confirmed this long after
     as_of: datetime | None = None  # labels arriving later are NULL; default: end of the last day
     drift: DriftScenario | None = None
