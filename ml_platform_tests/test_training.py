@@ -410,3 +410,22 @@ def test_drift_split_trains_on_the_history_and_the_first_mature_post_drift_rows_
         drift_split(frame, since=T0 + 18 * day, as_of=T0 + 20 * day, settling=3 * day)
     with pytest.raises(ValueError, match="train_frac"):
         drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day, train_frac=0.8, val_frac=0.3)
+
+
+def test_drift_split_cuts_by_the_frauds_so_the_test_quarter_gets_its_share_of_them():
+    from ml_platform.training.dataset import DRIFT_SPLIT_MIN_FRAUDS, drift_split
+
+    hour = pd.Timedelta(hours=1)
+    # 100 post-drift events one hour apart from T0; frauds only among the first 30 (ids 0, 3, ..., 27:
+    # 10 frauds), labels known an hour later; as_of far enough that all are mature.
+    ev = [T0 + i * hour for i in range(100)]
+    frame = pd.DataFrame({"transaction_id": [f"t{i}" for i in range(100)], EVENT_TS: ev,
+                          LABEL: [int(i < 30 and i % 3 == 0) for i in range(100)],
+                          LABEL_TS: [e + hour for e in ev]})
+    assert frame[LABEL].sum() == 10 >= DRIFT_SPLIT_MIN_FRAUDS
+    split = drift_split(frame, since=T0, as_of=T0 + 30 * pd.Timedelta(days=1), settling=pd.Timedelta(days=7))
+    # fraud event times: hours 0, 3, ..., 27; t1 = the 5th (hour 15), t2 = the 7th (int(7.5) = 7: hour 21)
+    assert split.train_cut == T0 + 15 * hour and split.validation_cut == T0 + 21 * hour
+    assert split.test[LABEL].sum() == 3  # hours 21, 24, 27 (row quantiles would leave the test none)
+    assert split.validation[LABEL].sum() == 2 and split.train[LABEL].sum() == 5
+    assert len(split.train) + len(split.validation) + len(split.test) == 100

@@ -27,7 +27,6 @@ episode changes nothing.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import shutil
 import subprocess
@@ -362,8 +361,3 @@ def _champion_version(settings: Settings) -> int | None:
 def run_scenario(base: Settings, plan: ScenarioPlan, echo: Callable[[str], None] = print, **options) -> ScenarioReport:
     return Simulation(base, plan, echo, **options).run()
 
-
-def cursor_state(settings: Settings) -> dict:
-    """The retrain sensor's state after the scenario (its stored cursor, parsed)."""
-    path = settings.data_dir / CURSOR_FILE
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -187,6 +187,9 @@ def time_split(
     )
 
 
+DRIFT_SPLIT_MIN_FRAUDS = 8  # fewer post-drift frauds: the cuts are quantiles of all the rows
+
+
 def drift_split(
     frame: pd.DataFrame,
     since: pd.Timestamp | str,
@@ -200,7 +203,9 @@ def drift_split(
     The *mature* post-drift rows are the events in [since, as_of - settling] with a known label:
     every legit label of those events has arrived (`settling`: `features.LABEL_SETTLING`), so their
     fraud share is not inflated by the early chargebacks of recent events. Cut times t1 < t2 are the
-    `train_frac` and `train_frac + val_frac` quantiles of their event times; a row goes to
+    `train_frac` and `train_frac + val_frac` quantiles of the event times of their frauds (of all of
+    them when fewer than DRIFT_SPLIT_MIN_FRAUDS are frauds), so each split gets its share of the few
+    post-drift frauds; a row goes to
       train       if event_ts <  since  (all the labelled history before the drift: what did not change
                                          is still learnt from it) or since <= event_ts < t1, mature
       validation  if t1 <= event_ts < t2, mature   (the threshold is chosen in the new world)
@@ -227,11 +232,15 @@ def drift_split(
     label_ts = pd.to_datetime(frame[LABEL_TS], utc=True)
     known = frame[LABEL].notna() & label_ts.notna() & (label_ts <= as_of_ts)
     post = known & (event_ts >= since_ts) & (event_ts <= mature_end)
-    times = event_ts[post].sort_values().reset_index(drop=True)
+    frauds = post & (frame[LABEL] == 1)
+    # Cut by the frauds' event times when there are enough of them: a few days of post-drift data
+    # hold a few dozen frauds, and cuts by row count can leave the test quarter with a handful.
+    by_frauds = int(frauds.sum()) >= DRIFT_SPLIT_MIN_FRAUDS
+    times = event_ts[frauds if by_frauds else post].sort_values().reset_index(drop=True)
     n = len(times)
-    if n < 3:
+    if int(post.sum()) < 3:
         raise ValueError(
-            f"drift_split: only {n} mature labelled rows from {since_ts.isoformat()} to "
+            f"drift_split: only {int(post.sum())} mature labelled rows from {since_ts.isoformat()} to "
             f"{mature_end.isoformat()}; need at least 3"
         )
     t1 = times.iloc[int(n * train_frac)]
