@@ -134,14 +134,7 @@ def time_split(
     is labelled only if it was charged back early, so those rows are nearly all frauds and would
     inflate the metrics the model is judged (and later monitored) by.
     """
-    if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
-        raise ValueError(
-            f"time_split needs 0 < train_frac, 0 < val_frac and train_frac + val_frac < 1 "
-            f"(got train_frac={train_frac}, val_frac={val_frac}); the rest is the test split"
-        )
-    for col in (EVENT_TS, LABEL, LABEL_TS):
-        if col not in frame.columns:
-            raise ValueError(f"time_split: frame has no column {col!r}")
+    _check_split_args("time_split", frame, train_frac, val_frac)
     event_ts = pd.to_datetime(frame[EVENT_TS], utc=True)
     label_ts = pd.to_datetime(frame[LABEL_TS], utc=True)
     has_label = frame[LABEL].notna() & label_ts.notna()
@@ -175,16 +168,7 @@ def time_split(
     )
     in_test = has_label & (event_ts >= t2) & (event_ts <= as_of_ts) & (label_ts <= as_of_ts) & mature
     in_window = has_label & (event_ts <= as_of_ts)
-    dropped = int((in_window & ~(in_train | in_val | in_test)).sum())
-    return TimeSplit(
-        train=frame[in_train.to_numpy()].reset_index(drop=True),
-        validation=frame[in_val.to_numpy()].reset_index(drop=True),
-        test=frame[in_test.to_numpy()].reset_index(drop=True),
-        train_cut=t1,
-        validation_cut=t2,
-        as_of=as_of_ts,
-        rows_without_known_label=dropped,
-    )
+    return _masked_split(frame, in_train, in_val, in_test, in_window, t1, t2, as_of_ts)
 
 
 DRIFT_SPLIT_MIN_FRAUDS = 8  # fewer post-drift frauds: the cuts are quantiles of all the rows
@@ -213,14 +197,7 @@ def drift_split(
     with labels known at `as_of`. Events after `as_of - settling` (only their early chargebacks are
     known) are left out and counted in `rows_without_known_label`.
     """
-    if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
-        raise ValueError(
-            f"drift_split needs 0 < train_frac, 0 < val_frac and train_frac + val_frac < 1 "
-            f"(got train_frac={train_frac}, val_frac={val_frac}); the rest is the test split"
-        )
-    for col in (EVENT_TS, LABEL, LABEL_TS):
-        if col not in frame.columns:
-            raise ValueError(f"drift_split: frame has no column {col!r}")
+    _check_split_args("drift_split", frame, train_frac, val_frac)
     since_ts, as_of_ts = _utc(since), _utc(as_of)
     mature_end = as_of_ts - pd.Timedelta(settling)
     if not since_ts < mature_end:
@@ -254,6 +231,22 @@ def drift_split(
     in_val = post & (event_ts >= t1) & (event_ts < t2)
     in_test = post & (event_ts >= t2)
     in_window = frame[LABEL].notna() & label_ts.notna() & (event_ts <= as_of_ts)
+    return _masked_split(frame, in_train, in_val, in_test, in_window, t1, t2, as_of_ts)
+
+
+def _check_split_args(name: str, frame: pd.DataFrame, train_frac: float, val_frac: float) -> None:
+    if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
+        raise ValueError(
+            f"{name} needs 0 < train_frac, 0 < val_frac and train_frac + val_frac < 1 "
+            f"(got train_frac={train_frac}, val_frac={val_frac}); the rest is the test split"
+        )
+    for col in (EVENT_TS, LABEL, LABEL_TS):
+        if col not in frame.columns:
+            raise ValueError(f"{name}: frame has no column {col!r}")
+
+
+def _masked_split(frame: pd.DataFrame, in_train, in_val, in_test, in_window, t1, t2, as_of_ts) -> TimeSplit:
+    """The TimeSplit of boolean row masks; rows of `in_window` in none of them are counted dropped."""
     dropped = int((in_window & ~(in_train | in_val | in_test)).sum())
     return TimeSplit(
         train=frame[in_train.to_numpy()].reset_index(drop=True),
