@@ -258,10 +258,20 @@ def test_policy_validation_names_the_field(kwargs, message):
         rp.RetrainPolicy(**kwargs)
 
 
-def test_policy_from_dict_refuses_unknown_keys():
-    assert rp.policy_from_dict({"cooldown_days": 5}).cooldown_days == 5
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['cooldown'\]"):
-        rp.policy_from_dict({"cooldown": 5})
+def test_the_policy_is_the_monitoring_config_s_retrain_section(tmp_path):
+    from ml_platform.monitoring.config import load_monitoring_config
+
+    path = tmp_path / "monitoring.toml"
+    path.write_text('[retrain]\ncooldown_days = 5\nsignals = ["data_drift"]\n')
+    policy = load_monitoring_config(path).retrain
+    assert policy.cooldown_days == 5 and policy.signals == ("data_drift",)
+    assert policy.min_labelled_frauds == rp.RetrainPolicy().min_labelled_frauds == 40
+    path.write_text("[retrain]\ncooldown = 5\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['cooldown'\] in \[retrain\]"):
+        load_monitoring_config(path)
+    path.write_text("[retrain]\nmin_labelled_frauds = 3000\n")
+    with pytest.raises(ValueError, match="RetrainPolicy.min_labelled_frauds = 3000 must be <= min_labelled_rows"):
+        load_monitoring_config(path)
 
 
 def test_state_version_is_checked():

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from test_retrain_policy import results_of, write_events
 
-from ml_platform.defs.resources import FeatureStoreResource
+from ml_platform.defs.resources import FeatureStoreResource, MonitoringResource
 from ml_platform.defs.sensors import retrain_sensor
 from ml_platform.monitoring import retrain_policy as rp
 from ml_platform.monitoring.results import save_result
@@ -51,8 +51,11 @@ def label_events(data_dir, i: int, n: int, frauds: int) -> None:
 
 
 def tick(instance, data_dir, cursor):
+    config = data_dir / "monitoring.toml"
     context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"feature_store": FeatureStoreResource(repo_path=str(data_dir))}
+        instance=instance, cursor=cursor,
+        resources={"feature_store": FeatureStoreResource(repo_path=str(data_dir)),
+                   "monitoring": MonitoringResource(config_path=str(config) if config.exists() else None)},
     )
     out = retrain_sensor(context)
     return out, context.cursor
@@ -82,19 +85,17 @@ def fake_retrain_run(instance, run_key: str, *, fail: bool = False, promoted: bo
     return result.run_id
 
 
-def small_policy(monkeypatch, **kwargs):
-    from ml_platform.defs import sensors
-
-    # label_settling_days=0: these tests label and evaluate one day (maturity: test_retrain_policy)
-    policy = rp.RetrainPolicy(**{"min_labelled_rows": 50, "min_labelled_frauds": 5, "label_settling_days": 0,
-                                 **kwargs})
-    monkeypatch.setattr(sensors, "POLICY", policy)
-    monkeypatch.setattr(sensors.evaluate_retrain, "__defaults__", (policy, None))
-    return policy
+def small_policy(data_dir, **kwargs) -> None:
+    """The sensor's policy for these tests, as a deployment sets it: [retrain] of the monitoring
+    config (label_settling_days = 0: these tests label and evaluate one day; the maturity rule is
+    test_retrain_policy's)."""
+    settings = {"min_labelled_rows": 50, "min_labelled_frauds": 5, "label_settling_days": 0, **kwargs}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "monitoring.toml").write_text("[retrain]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
 
 
-def test_evaluating_twice_gives_one_request_and_a_restart_keeps_the_decision(instance, data_dir, monkeypatch):
-    small_policy(monkeypatch)
+def test_evaluating_twice_gives_one_request_and_a_restart_keeps_the_decision(instance, data_dir):
+    small_policy(data_dir)
     label_events(data_dir, 0, n=60, frauds=6)
     save_day(data_dir, 0, data=DRIFT, prediction=("alert", "Prediction positive rate"))
     out, cursor = tick(instance, data_dir, None)
@@ -119,8 +120,8 @@ def test_evaluating_twice_gives_one_request_and_a_restart_keeps_the_decision(ins
     assert isinstance(out, dg.SkipReason) and "evaluated up to 2026-02-02" in out.skip_message
 
 
-def test_skip_reason_when_monitoring_has_not_run_for_the_day(instance, data_dir, monkeypatch):
-    small_policy(monkeypatch)
+def test_skip_reason_when_monitoring_has_not_run_for_the_day(instance, data_dir):
+    small_policy(data_dir)
     out, cursor = tick(instance, data_dir, None)
     assert out.skip_message == "no monitoring results after the start yet: nothing to decide"
     save_day(data_dir, 0)
@@ -133,8 +134,8 @@ def test_skip_reason_when_monitoring_has_not_run_for_the_day(instance, data_dir,
     assert json.loads(cursor)["last_day"] == "2026-02-01"
 
 
-def test_waits_for_labels_then_requests(instance, data_dir, monkeypatch):
-    small_policy(monkeypatch)
+def test_waits_for_labels_then_requests(instance, data_dir):
+    small_policy(data_dir)
     label_events(data_dir, 0, n=30, frauds=3)
     save_day(data_dir, 0, data=DRIFT)
     out, cursor = tick(instance, data_dir, None)
@@ -147,8 +148,8 @@ def test_waits_for_labels_then_requests(instance, data_dir, monkeypatch):
     assert req.run_key == "retrain:2026-02-01:1" and req.tags["ml_platform/retrain_day"] == "2026-02-02"
 
 
-def test_a_failed_run_is_read_from_the_instance_retried_once_then_left(instance, data_dir, monkeypatch):
-    small_policy(monkeypatch, cooldown_days=2)
+def test_a_failed_run_is_read_from_the_instance_retried_once_then_left(instance, data_dir):
+    small_policy(data_dir, cooldown_days=2)
     label_events(data_dir, 0, n=60, frauds=6)
     save_day(data_dir, 0, data=DRIFT)
     out, cursor = tick(instance, data_dir, None)
@@ -172,8 +173,8 @@ def test_a_failed_run_is_read_from_the_instance_retried_once_then_left(instance,
     assert "left for a person" in out.skip_message
 
 
-def test_a_promoted_retrain_ends_the_episode_and_an_unpromoted_one_is_recorded(instance, data_dir, monkeypatch):
-    small_policy(monkeypatch, cooldown_days=1, quiet_days_to_close=1)
+def test_a_promoted_retrain_ends_the_episode_and_an_unpromoted_one_is_recorded(instance, data_dir):
+    small_policy(data_dir, cooldown_days=1, quiet_days_to_close=1)
     label_events(data_dir, 0, n=60, frauds=6)
     save_day(data_dir, 0, data=DRIFT)
     out, cursor = tick(instance, data_dir, None)

@@ -21,13 +21,12 @@ import json
 
 import dagster as dg
 
-from ml_platform.defs.resources import FeatureStoreResource
+from ml_platform.defs.resources import FeatureStoreResource, MonitoringResource
 from ml_platform.monitoring import retrain_policy as rp
 
 RETRAIN_JOB = "retrain"
 RUN_KEY_TAG = "dagster/run_key"  # what Dagster tags a sensor's run with
 EVALUATION_SECONDS = 600  # monitoring is daily: a tick every 10 minutes is prompt enough and cheap
-POLICY = rp.RetrainPolicy()
 
 _FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
@@ -65,10 +64,11 @@ def _promotion(instance: dg.DagsterInstance, run_id: str) -> str:
 
 
 def evaluate_retrain(instance: dg.DagsterInstance, cursor: str | None, feature_store: FeatureStoreResource,
-                     policy: rp.RetrainPolicy = POLICY, now: dt.datetime | None = None) -> rp.Evaluation:
+                     policy: rp.RetrainPolicy | None = None, now: dt.datetime | None = None) -> rp.Evaluation:
     """One evaluation of the sensor, outside Dagster's decorator (the sensor and the tests call it)."""
     from ml_platform.monitoring.results import load_result, results_dir
 
+    policy = policy or rp.RetrainPolicy()
     paths = feature_store.paths
     try:
         state = rp.parse_state(json.loads(cursor) if cursor else None)
@@ -96,8 +96,10 @@ def evaluate_retrain(instance: dg.DagsterInstance, cursor: str | None, feature_s
     "labelled performance below its floor) once enough labelled post-drift rows exist; the reason is in "
     "the run's tags. Cursor: the policy's state (ml_platform.monitoring.retrain_policy).",
 )
-def retrain_sensor(context: dg.SensorEvaluationContext, feature_store: FeatureStoreResource):
-    evaluation = evaluate_retrain(context.instance, context.cursor, feature_store)
+def retrain_sensor(context: dg.SensorEvaluationContext, feature_store: FeatureStoreResource,
+                   monitoring: MonitoringResource):
+    # The policy: [retrain] of the monitoring config (ML_PLATFORM_MONITORING_CONFIG), else the defaults.
+    evaluation = evaluate_retrain(context.instance, context.cursor, feature_store, monitoring.config().retrain)
     for line in evaluation.log:
         context.log.info(line)
     context.update_cursor(json.dumps(evaluation.state, sort_keys=True))

@@ -180,7 +180,7 @@ class Simulation:
     def _tick_retrain_sensor(self) -> tuple[list[tuple[dg.RunRequest, p.PipelineOutcome]], str]:
         context = dg.build_sensor_context(
             instance=self.instance, cursor=self._cursor(), sensor_name=retrain_sensor.name,
-            resources={"feature_store": self.defs.resources["feature_store"]},
+            resources={name: self.defs.resources[name] for name in ("feature_store", "monitoring")},
         )
         data = retrain_sensor.evaluate_tick(context)
         self._store_cursor(data.cursor)

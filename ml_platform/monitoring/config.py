@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_platform.monitoring.drift import DriftThresholds
+from ml_platform.monitoring.retrain_policy import RetrainPolicy
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class MonitoringConfig:
     prediction: PredictionThresholds = field(default_factory=PredictionThresholds)
     performance: PerformanceThresholds = field(default_factory=PerformanceThresholds)
     serving: ServingThresholds = field(default_factory=ServingThresholds)
+    retrain: RetrainPolicy = field(default_factory=RetrainPolicy)  # the retrain sensor's decision
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

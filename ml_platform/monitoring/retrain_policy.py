@@ -29,7 +29,6 @@ The state (the sensor's cursor, JSON) walks the monitoring days in order, once e
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -393,12 +392,3 @@ def count_post_drift_labels(raw_dir: str | Path, start: date, day: date, settlin
         return 0, 0
     post = labels[labels["transaction_id"].isin(raw_transaction_ids(Path(raw_dir), start, last_mature))]
     return len(post), int(post[fr.LABEL].sum())
-
-
-def policy_from_dict(data: Mapping[str, Any]) -> RetrainPolicy:
-    """A policy from a mapping (e.g. a TOML table); an unknown key is an error naming it."""
-    names = {f.name for f in dataclasses.fields(RetrainPolicy)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"RetrainPolicy: unknown key(s) {unknown}; known: {sorted(names)}")
-    return RetrainPolicy(**dict(data))
