@@ -406,6 +406,12 @@ def test_drift_split_trains_on_the_history_and_the_first_mature_post_drift_rows_
     assert list(split.validation["transaction_id"]) == ["t14", "t15"]
     assert list(split.test["transaction_id"]) == ["t16", "t17"]
     assert split.rows_without_known_label == 4  # t3, t12 (late labels), t18, t19 (immature)
+    # Keeping 4 days of history before the drift: days 6-9 (not 0-5) of it train.
+    recent = drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day,
+                         train_frac=0.5, val_frac=0.25, history=4 * day)
+    assert list(recent.train["transaction_id"]) == ["t6", "t7", "t8", "t9", "t10", "t11", "t13"]
+    assert list(recent.test["transaction_id"]) == ["t16", "t17"]
+    assert recent.rows_without_known_label == 9  # t0-t5 (t3 among them), t12, t18, t19
     with pytest.raises(ValueError, match="no post-drift event is mature yet"):
         drift_split(frame, since=T0 + 18 * day, as_of=T0 + 20 * day, settling=3 * day)
     with pytest.raises(ValueError, match="train_frac"):

@@ -181,6 +181,7 @@ def drift_split(
     settling: pd.Timedelta,
     train_frac: float = 0.5,
     val_frac: float = 0.25,
+    history: pd.Timedelta | None = None,
 ) -> TimeSplit:
     """The split of a retrain after a drift that started at `since`: learn the new world, judge on it.
 
@@ -190,12 +191,13 @@ def drift_split(
     `train_frac` and `train_frac + val_frac` quantiles of the event times of their frauds (of all of
     them when fewer than DRIFT_SPLIT_MIN_FRAUDS are frauds), so each split gets its share of the few
     post-drift frauds; a row goes to
-      train       if event_ts <  since  (all the labelled history before the drift: what did not change
-                                         is still learnt from it) or since <= event_ts < t1, mature
+      train       if since - history <= event_ts < since  (the labelled history just before the drift:
+                                         what did not change is still learnt from it; all of it when
+                                         `history` is None) or since <= event_ts < t1, mature
       validation  if t1 <= event_ts < t2, mature   (the threshold is chosen in the new world)
       test        if t2 <= event_ts, mature        (the promotion gate compares on these rows)
     with labels known at `as_of`. Events after `as_of - settling` (only their early chargebacks are
-    known) are left out and counted in `rows_without_known_label`.
+    known) and before `since - history` are left out and counted in `rows_without_known_label`.
     """
     _check_split_args("drift_split", frame, train_frac, val_frac)
     since_ts, as_of_ts = _utc(since), _utc(as_of)
@@ -227,7 +229,8 @@ def drift_split(
             f"drift_split: the post-drift cuts coincide ({t1.isoformat()}, {t2.isoformat()}): too few distinct "
             "event times after the drift; wait for more labelled data"
         )
-    in_train = known & ((event_ts < since_ts) | (post & (event_ts < t1)))
+    oldest = since_ts - pd.Timedelta(history) if history is not None else event_ts.min()
+    in_train = known & (((event_ts >= oldest) & (event_ts < since_ts)) | (post & (event_ts < t1)))
     in_val = post & (event_ts >= t1) & (event_ts < t2)
     in_test = post & (event_ts >= t2)
     in_window = frame[LABEL].notna() & label_ts.notna() & (event_ts <= as_of_ts)

@@ -66,9 +66,9 @@ def build_training_set(store, data_dir: Path, as_of=None, feature_refs=fr.MODEL_
                        drift_since=None) -> BuiltTrainingSet:
     """Labelled events known at `as_of` (default: the newest label) + point-in-time features +
     request-time features, with a leak-free split recorded in a `split` column: `time_split`, or for
-    a retrain after a drift that started on `drift_since` (a date), `drift_split` (the history before
-    the drift and the first half of the mature post-drift rows to train, the rest of them to
-    validate and test)."""
+    a retrain after a drift that started on `drift_since` (a date), `drift_split` (the features'
+    warm-up of history before the drift and the first half of the mature post-drift rows to train,
+    the rest of them to validate and test)."""
     raw_dir = Path(data_dir) / "raw"
     as_of = as_of or raw_events.latest_label_time(raw_dir)
     if as_of is None:
@@ -79,7 +79,12 @@ def build_training_set(store, data_dir: Path, as_of=None, feature_refs=fr.MODEL_
         split = time_split(frame, as_of=as_of, settling=fr.LABEL_SETTLING)
     else:
         since = pd.Timestamp(raw_events.parse_date(drift_since, "drift_since"), tz="UTC")
-        split = drift_split(frame, since=since, as_of=as_of, settling=fr.LABEL_SETTLING)
+        # The history kept is the features' warm-up before the drift: the long-window features of
+        # the post-drift rows are made of those days. Older rows made the scenario's challenger
+        # worse on post-drift data (PR AUC 0.715 with all 115 days, 0.847 with these 37; the
+        # champion's 0.796).
+        split = drift_split(frame, since=since, as_of=as_of, settling=fr.LABEL_SETTLING,
+                            history=fr.history_warmup(feature_refs))
     parts = {"train": split.train, "validation": split.validation, "test": split.test}
     frame = pd.concat([p.assign(**{SPLIT: name}) for name, p in parts.items()], ignore_index=True)
     version = data_version(frame)
