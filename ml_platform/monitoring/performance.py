@@ -9,8 +9,9 @@ transaction id. For the partition day X, with the labels known at the end of X:
   whichever model served each row), with the number of labelled rows and frauds behind them;
 - labels that arrived on X for transactions that were never predicted: counted and reported.
 
-The status compares the window's figures with the champion's held-out evaluation (relative
-floors); too few labels yet is `pending`, never `ok`.
+The status compares the window's ROC AUC and recall with the champion's held-out evaluation
+(relative floors, and a cluster bootstrap's bound so that noise does not alert: see
+`PerformanceThresholds`); too few labels yet is `pending`, never `ok`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ def model_performance(
         statuses = []
         span = f"{len(mature_parts)} mature day(s) of the last {thresholds.window_days}"
         counts = f"{window_metrics['rows']} labelled rows, {window_metrics['positives']} frauds, {span}"
-        bounds = {}
         for metric in (*thresholds.metrics, *(m for m in _NAMES if m not in thresholds.metrics)):
             value = window_metrics.get(metric)
             ref = reference_metrics.get(metric)
@@ -135,13 +135,12 @@ def model_performance(
                 # Alert when even the upper bound is under the alert floor; warn when the value is
                 # under the warn floor and the bound under the champion's value; else noise.
                 bound = upper_bound(labelled, metric, thresholds, seed=day.toordinal())
-                bounds[metric] = bound
                 if bound is not None and bound < floor:
                     s, verdict = ALERT, f"< the floor {floor:.3f}"
                 elif bound is not None and value < warn_floor and bound < ref:
                     s, verdict = WARN, f"< champion {ref:.3f}"
                 else:
-                    s, verdict = OK, ">= the floor: within noise" if bound is not None else "not computable"
+                    s, verdict = OK, "within noise" if bound is not None else "not computable"
                 bound_text = "-" if bound is None else f"{bound:.3f}"
                 detail = f"{counts}; {thresholds.confidence:.0%} upper bound {bound_text} {verdict}"
             statuses.append(s)
