@@ -37,7 +37,7 @@ def results_of(d: str, data=("ok",), prediction=("ok",), performance=("ok",)) ->
 
 
 class Labels:
-    """Labelled post-drift rows by day: `enough_from` (index) on, 5,000 rows and 80 frauds; before, 100 and 2."""
+    """Labelled post-drift rows by day: `enough_from` (index) on, 5,000 rows and 150 frauds; before, 100 and 2."""
 
     def __init__(self, enough_from: int = 0, rows: int = 5000):
         self.enough_from, self.rows, self.calls = enough_from, rows, []
@@ -45,7 +45,7 @@ class Labels:
     def __call__(self, start: date, d: date) -> tuple[int, int]:
         self.calls.append((start.isoformat(), d.isoformat()))
         i = (d - D0).days
-        return (self.rows + 1000 * (i - self.enough_from), 80) if i >= self.enough_from else (100, 2)
+        return (self.rows + 1000 * (i - self.enough_from), 150) if i >= self.enough_from else (100, 2)
 
 
 class Driver:
@@ -80,7 +80,7 @@ def test_an_alert_requests_one_retrain_with_the_reason_in_its_tags():
     reason = req.tags["ml_platform/retrain_reason"]
     assert reason.startswith("data_drift alert on 2026-02-01 (columns: amount, merchant_category)")
     assert "device" not in reason and "prediction_drift" not in reason
-    assert "5000 labelled post-drift rows (80 frauds)" in reason
+    assert "5000 labelled post-drift rows (150 frauds)" in reason
     assert d.labels.calls == [("2026-02-01", "2026-02-01")]
     # the rest of the episode: alerts every day, in flight, then done: nothing more
     d.outcomes = {req.run_key: (None, "run-1")}
@@ -265,7 +265,7 @@ def test_the_policy_is_the_monitoring_config_s_retrain_section(tmp_path):
     path.write_text('[retrain]\ncooldown_days = 5\nsignals = ["data_drift"]\n')
     policy = load_monitoring_config(path).retrain
     assert policy.cooldown_days == 5 and policy.signals == ("data_drift",)
-    assert policy.min_labelled_frauds == rp.RetrainPolicy().min_labelled_frauds == 40
+    assert policy.min_labelled_frauds == rp.RetrainPolicy().min_labelled_frauds == 100
     path.write_text("[retrain]\ncooldown = 5\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['cooldown'\] in \[retrain\]"):
         load_monitoring_config(path)
