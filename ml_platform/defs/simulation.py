@@ -280,8 +280,7 @@ class Simulation:
                 record.monitored_version = result.model_version
 
     def _champion(self) -> int | None:
-        champion = self.defs.resources["mlflow"].registry().champion()
-        return None if champion is None else int(champion.version)
+        return _champion_version(self.settings)
 
 
 def rollback_drill(settings: Settings, timeout_s: float = 30.0) -> dict:

@@ -5,6 +5,9 @@
 it once per model and passing it instead of the frame skips re-reading and re-sorting the reference
 every day (`save`/`load` keep it in one .npz file). Also here: how a column's kind is inferred and
 how values of either side are read as numbers or categories (`numeric_values`, `category_counts`).
+One module of ~400 lines: kind inference, value reading and the profile's save/load are one
+format (a profile stores what these readers produce), and splitting would separate the writer of
+each field from its reader.
 
 Kind inference (the reference's dtype decides; `numeric=` / `categorical=` override):
 - bool, category, complex and other non-numeric dtypes: categorical (values compared as text);
