@@ -52,9 +52,18 @@ def _seen_body(platform, **overrides):
 
 def test_a_bad_request_in_a_micro_batch_fails_alone_and_its_batch_mates_get_their_scores(client, tiny_platform):
     service = _state(client).service
-    good = [tiny_platform.transaction(transaction_id=f"mate-{i}", amount=20.0 + 40 * i) for i in range(3)]
-    alone = [client.post("/predict", json=t).json()["probability"] for t in good]
-    assert len(set(alone)) == 3  # three different scores: a mix-up between mates would show
+    # three transactions with three different scores (a mix-up between mates would show): amounts
+    # far apart, and the first three whose scores differ (tree models score nearby amounts alike)
+    good, alone = [], []
+    for i, amount in enumerate([3.0, 60.0, 450.0, 1800.0, 4900.0, 9.5, 150.0, 900.0]):
+        t = tiny_platform.transaction(transaction_id=f"mate-{i}", amount=amount, channel=("online", "pos")[i % 2])
+        p = client.post("/predict", json=t).json()["probability"]
+        if p not in alone:
+            good.append(t)
+            alone.append(p)
+        if len(good) == 3:
+            break
+    assert len(set(alone)) == 3, f"no three distinct scores among the candidate amounts: {alone}"
 
     rows = [{**t, "event_timestamp": client.portal.call(_parse_ts, t["event_timestamp"])} for t in good]
     bad = {**rows[0], "transaction_id": "bad", "event_timestamp": "not a time"}  # fails in scoring
