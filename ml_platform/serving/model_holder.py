@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class ModelHolder:
     keep: int = 3
     poll_interval_s: float = 1.0
     on_swap: Callable[[SwapEvent], None] | None = None
+    pinned: Callable[[], set[int]] | None = None  # versions others serve (an experiment's arms): never evicted
     previous: ServingModel | None = None
     swaps: list[SwapEvent] = field(default_factory=list)
     preload_error: str | None = None
@@ -85,6 +87,7 @@ class ModelHolder:
     _was_cached: bool = False
 
     def __post_init__(self) -> None:
+        self._load_lock = threading.RLock()  # the alias watcher and the experiment router both load
         self.watcher: ChampionWatcher[ServingModel] = ChampionWatcher(
             self.registry,
             alias=self.alias,
@@ -112,6 +115,10 @@ class ModelHolder:
 
     def load(self, version: int) -> ServingModel:
         """The version from memory, or loaded from the registry and prepared (parity-checked scorer)."""
+        with self._load_lock:
+            return self._load(version)
+
+    def _load(self, version: int) -> ServingModel:
         cached = self._loaded.get(version)
         if cached is not None:
             self._loaded.move_to_end(version)
@@ -128,7 +135,9 @@ class ModelHolder:
 
     def _evict(self) -> None:
         pinned = {m.version for m in (self.current, self.previous) if m is not None}
-        while len(self._loaded) > max(self.keep, 2):
+        if self.pinned is not None:
+            pinned |= self.pinned()
+        while len(self._loaded) > max(self.keep, 2, len(pinned)):
             victim = next((v for v in self._loaded if v not in pinned), None)
             if victim is None:
                 break

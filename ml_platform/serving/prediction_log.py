@@ -59,6 +59,8 @@ from ml_platform.sources.raw_events import TRANSACTIONS_ARROW_SCHEMA, parse_date
 
 SOURCES = ("api", "stream", "batch")  # the paths that predict; each has its own folder of the log
 SOURCE_COLUMN = "source"
+ROLE_COLUMN = "role"
+LIVE, SHADOW = "live", "shadow"  # the roles of a prediction (null in files written before roles: live)
 FEATURE_PREFIX = "feature."  # a model input's column in the log: "feature.amount", "feature.txn_count_1h"
 BATCH_FILE = "predictions.parquet"  # batch scoring's one file per day
 # assemble_features + the scikit-learn Pipeline: how batch scoring (and a bare LoadedModel) scores
@@ -84,6 +86,11 @@ LOG_SCHEMA = pa.schema(
         ("scorer", pa.string()),  # how the model was run ("compiled+treelite", "reference+sklearn", ...)
         ("latency_ms", pa.float64()),  # see docs/serving.md "The prediction log" (per source)
         ("flags", pa.string()),  # JSON object: api: unknown_entity ...; stream: consumer, input_id
+        # experiments (`ml_platform.experiments`); null in a prediction made outside one
+        (ROLE_COLUMN, pa.string()),  # "live" (answered the caller) or "shadow" (scored beside it); null = live
+        ("experiment", pa.string()),  # the experiment that routed the prediction
+        ("arm", pa.string()),  # the arm (model version) it chose ...
+        ("selection_probability", pa.float64()),  # ... with this probability, at decision time
     ]
 )
 LOG_COLUMNS = tuple(LOG_SCHEMA.names)
@@ -102,6 +109,9 @@ __all__ = [
     "REQUEST_FIELDS",
     "SOURCES",
     "SOURCE_COLUMN",
+    "ROLE_COLUMN",
+    "LIVE",
+    "SHADOW",
     "DayFileWriter",
     "PredictionLogWriter",
     "batch_log_rows",

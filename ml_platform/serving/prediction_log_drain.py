@@ -50,7 +50,7 @@ from ml_platform.serving.stream.streams import PREDICTION_FIELD, as_text, input_
 LOG_GROUP = "prediction-log"  # the drain's consumer group on the stream worker's output stream
 LOG_CONSUMER = "drain"  # its one consumer (one drain at a time: the lock)
 _INT = {"user_id", "merchant_id", "model_version"}
-_FLOAT = {"amount", "probability", "threshold", "latency_ms"}
+_FLOAT = {"amount", "probability", "threshold", "latency_ms", "selection_probability"}
 _TIME = {"predicted_at", "event_timestamp"}
 
 Entry = tuple[Any, Any]  # (stream id, fields) as redis-py returns them
@@ -322,6 +322,13 @@ def drain_prediction_log(
             if len(entries) < batch_size:
                 break
     return progress.result(migrated=len(migrated))
+
+
+def undrained_api_log(client: redis.Redis, stream: str, *, since_ms: int = 0, count: int = 200_000) -> pa.Table:
+    """The API log entries still in the stream (not drained yet) from `since_ms` on, as a log
+    table: with the drained files they are the whole log up to now (a rollout's evidence)."""
+    entries = client.xrange(stream, min=f"{int(since_ms)}-0", max="+", count=count)
+    return entries_table(entries, "api", api_record)
 
 
 def drain_stream_predictions(

@@ -19,12 +19,15 @@ from pathlib import Path
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ml_platform.serving.prediction_log import (
     FEATURE_PREFIX,
     LOG_COLUMNS,
+    LIVE,
     LOG_SCHEMA,
+    ROLE_COLUMN,
     SOURCE_COLUMN,
     SOURCES,
     check_source,
@@ -46,6 +49,7 @@ def read_prediction_log(
     sources: Sequence[str] | None = None,
     expand_features: bool = True,
     with_features: bool = True,
+    roles: Sequence[str] | None = (LIVE,),
 ) -> pd.DataFrame:
     """Every logged prediction of the `sources` (default: all of SOURCES) whose day folder is in
     [start, end] (both included; None: unbounded), as one frame: LOG_SCHEMA's columns (`source`
@@ -58,6 +62,8 @@ def read_prediction_log(
     one `features` column of JSON objects (each row's own inputs, nulls included).
     with_features=False: no model inputs at all (not even read from disk): for readers of the
     predictions alone (latency, counts), which would otherwise pay for every input column.
+    roles: the predictions' roles to keep (default: the live ones, what callers were answered
+    with; a file without roles holds live ones only); None: every row, shadow ones included.
     Rows come source by source (SOURCES' order), day by day, in log order within a day.
     An empty selection gives an empty frame with the same columns (no feature columns)."""
     first = parse_date(start, "start") if start is not None else None
@@ -78,6 +84,9 @@ def read_prediction_log(
         table = table.append_column(DATE_COLUMN, pa.repeat(pa.scalar(day, pa.date32()), table.num_rows))
         tables.append(table if expand_features or not with_features else _features_as_json(table))
     table = _union(tables, expand_features or not with_features)
+    if roles is not None and table.num_rows:
+        role = pc.fill_null(table.column(ROLE_COLUMN), LIVE)
+        table = table.filter(pc.is_in(role, value_set=pa.array(list(roles), pa.string())))
     return table.to_pandas(types_mapper=_INTEGERS.get)
 
 

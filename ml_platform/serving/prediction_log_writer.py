@@ -41,12 +41,17 @@ def prediction_entry(
     flags: Mapping[str, Any],
     features: Mapping[str, Any],
     predicted_at: datetime | None = None,
+    role: str | None = None,
+    experiment: str | None = None,
+    arm: str | None = None,
+    selection_probability: float | None = None,
 ) -> bytes:
     """One API prediction as its log stream stores it: a JSON object (one field, `ENTRY_FIELD`)
     with the `LOG_SCHEMA` columns; flags and features (the model inputs) as nested objects.
     (One field, not one per column: redis-py packs each argument in Python, and 21 of them per
     prediction cost more CPU than the whole scoring.) orjson writes a NaN feature as null, numpy
-    scalars as numbers, ~10x faster than json.dumps."""
+    scalars as numbers, ~10x faster than json.dumps. The experiment's fields (role, experiment,
+    arm, selection_probability) are written only when set: a plain prediction's entry is as before."""
     ts = transaction["event_timestamp"]
     record = {
         "prediction_id": prediction_id,
@@ -70,6 +75,12 @@ def prediction_entry(
         "flags": flags if type(flags) is dict else dict(flags),  # orjson takes dicts, not any Mapping
         "features": features if type(features) is dict else dict(features),
     }
+    if role is not None:
+        record["role"] = role
+    if experiment is not None:
+        record["experiment"] = experiment
+        record["arm"] = arm
+        record["selection_probability"] = selection_probability
     return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

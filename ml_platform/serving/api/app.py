@@ -19,13 +19,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ml_platform import features as fr
+from ml_platform.experiments.router import ExperimentRouter
+from ml_platform.experiments.store import ExperimentStore
 from ml_platform.featurestore.online import RedisOnlineStore
 from ml_platform.serving.api.config import ServingConfig
 from ml_platform.serving.api.metrics import HttpMetricsMiddleware, ServingMetrics
+from ml_platform.serving.api.experiment_routes import experiment_router
 from ml_platform.serving.api.routes import router
 from ml_platform.serving.api.service import PredictionService, ServiceUnavailable
 from ml_platform.serving.model_holder import ModelHolder, SwapEvent
 from ml_platform.serving.prediction_log import PredictionLogWriter, prediction_stream_key
+from ml_platform.serving.shadow import ShadowScorer
 from ml_platform.settings import Settings, load_settings
 
 _log = logging.getLogger(__name__)
@@ -45,6 +49,9 @@ class AppState:
     log: PredictionLogWriter | None
     metrics: ServingMetrics
     started_at: float
+    experiments: ExperimentStore | None = None
+    router: ExperimentRouter | None = None
+    shadow: ShadowScorer | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -100,6 +107,10 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = validation_errors(exc)
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+    if request.url.path.startswith("/feedback"):  # refused rewards are counted like the others
+        state = getattr(request.app.state, "serving", None)
+        if state is not None:
+            state.metrics.child(state.metrics.feedback, "invalid").inc()
     return JSONResponse(
         status_code=422, content={"error": "invalid_request", "message": message, "errors": errors}
     )
@@ -158,18 +169,29 @@ def create_app(
             metrics.model_swaps.inc()
             metrics.set_model(holder.current)
 
+        router: ExperimentRouter | None = None
         holder = ModelHolder(
             reg,
             alias=config.alias,
             scorer=config.scorer,
             poll_interval_s=config.poll_interval_s,
             on_swap=on_swap,
+            pinned=lambda: router.pinned_versions() if router is not None else set(),
         )
-        service = PredictionService(holder, online, metrics, settings.model_name, log, config.max_batch_rows)
+        experiments = ExperimentStore(sync_client, settings.project, async_client)
+        router = ExperimentRouter(experiments, holder.load, refresh_s=config.experiment_refresh_s)
+        shadow = ShadowScorer(log.append if log is not None else None, settings.model_name,
+                              max_pending=config.shadow_max_pending)  # fmt: skip
+        service = PredictionService(
+            holder, online, metrics, settings.model_name, log, config.max_batch_rows,
+            router=router, experiments=experiments, shadow=shadow,
+        )  # fmt: skip
         state = AppState(
-            settings, config, holder, online, async_client, sync_client, service, log, metrics, time.time()
-        )
+            settings, config, holder, online, async_client, sync_client, service, log, metrics, time.time(),
+            experiments=experiments, router=router, shadow=shadow,
+        )  # fmt: skip
         await asyncio.to_thread(holder.refresh)  # the champion (+ previous champion) before the first request
+        await asyncio.to_thread(router.refresh)  # and the arms of a running experiment
         metrics.set_model(holder.current)
         if config.tune_process:
             # Everything allocated so far (MLflow, scikit-learn, the models) lives as long as the
@@ -184,6 +206,7 @@ def create_app(
             )
         state.tasks = [asyncio.create_task(service.run(), name="scoring-batcher")]
         state.tasks.append(asyncio.create_task(holder.watch(state.stop), name="champion-watcher"))
+        state.tasks.append(asyncio.create_task(router.watch(state.stop), name="experiment-router"))
         if log is not None:
             state.tasks.append(asyncio.create_task(log.run(), name="prediction-log-writer"))
         app.state.serving = state
@@ -203,6 +226,7 @@ def create_app(
                 await log.close(timeout=2.0)
             for task in state.tasks:
                 task.cancel()
+            shadow.close()
             await asyncio.gather(*state.tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await async_client.aclose()
@@ -223,4 +247,5 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
     app.include_router(router)
+    app.include_router(experiment_router)
     return app

@@ -20,6 +20,9 @@ class ServingConfig:
     redis_socket_timeout_s: float = 0.5  # a hung Redis fails a request after this long ...
     redis_connect_timeout_s: float = 0.25
     redis_retries: int = 1  # ... times (1 + retries); redis-py's default takes ~4 s to fail
+    experiment_refresh_s: float = 0.5  # how often the active experiment and its posteriors are re-read
+    shadow_max_pending: int = 4  # shadow batches waiting at most; beyond, shadow rows are dropped (counted)
+    max_feedback_rows: int = 10_000  # rewards one POST /feedback/batch may send
     prediction_log: bool = True
     prediction_log_maxlen: int = DEFAULT_MAXLEN
     # The app owns its process (run_server sets this): freeze the start-up heap out of the garbage

@@ -81,6 +81,12 @@ class ServingMetrics:
             "ml_platform_model_info", "1 for the version serving now", ["model_version", "scorer"], registry=r
         )
         self.model_swaps = Counter("ml_platform_model_swaps", "Champion swaps since start", registry=r)
+        self.feedback = Counter(
+            "ml_platform_feedback",
+            "Rewards received by POST /feedback, by outcome (accepted, unknown, duplicate, invalid)",
+            ["outcome"],
+            registry=r,
+        )
         self._info_labels: tuple[str, str] | None = None
         self._children: dict[tuple, Any] = {}
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ml_platform.experiments.config import REWARD_RANGE
 from ml_platform.transactions import INT64_MAX, TRANSACTION  # noqa: F401  (INT64_MAX: re-exported)
 from ml_platform.transactions.request_model import pydantic_model
 
@@ -84,6 +85,11 @@ class Prediction(BaseModel):
     latency_ms: float = Field(description="Time in the service: queueing, feature read, scoring")
     flags: PredictionFlags
     features: dict[str, Any] | None = Field(None, description="Model inputs (with ?include_features=true)")
+    experiment: str | None = Field(None, description="The experiment that routed this prediction (null: none)")
+    arm: str | None = Field(None, description="The experiment's arm that served it (its model_version)")
+    selection_probability: float | None = Field(
+        None, description="The probability that the router picked this arm for this prediction"
+    )
 
 
 class BatchResponse(BaseModel):
@@ -94,3 +100,36 @@ class ErrorResponse(BaseModel):
     error: str
     message: str
     errors: list[dict[str, Any]] | None = None
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+class Feedback(BaseModel):
+    """A late reward for one prediction made within an experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_id: str = Field(min_length=1, max_length=200, description="The prediction's prediction_id")
+    reward: float = Field(
+        ge=REWARD_RANGE[0], le=REWARD_RANGE[1], allow_inf_nan=False,
+        description=f"The outcome's reward, in [{REWARD_RANGE[0]}, {REWARD_RANGE[1]}] (e.g. 1 = the decision was right)",
+    )  # fmt: skip
+
+
+class FeedbackBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    feedback: list[Feedback] = Field(min_length=1, description="Rewards (at most the server's max_feedback_rows)")
+
+
+class FeedbackAccepted(BaseModel):
+    prediction_id: str
+    experiment_arm: str
+    status: Literal["accepted"]
+
+
+class FeedbackBatchResult(BaseModel):
+    accepted: int
+    unknown: list[str] = Field(description="prediction ids with no decision awaiting a reward (404 for one)")
+    duplicate: list[str] = Field(description="prediction ids already rewarded (409 for one)")

@@ -1,4 +1,5 @@
-"""The scoring service behind /predict: online features + the champion, micro-batched.
+"""The scoring service behind /predict: online features + the champion (or an experiment's
+arms, with its shadow off the request path), micro-batched.
 
 Concurrent requests are scored together (adaptive micro-batching: whatever arrived while the
 previous batch was being scored forms the next one, so an idle server answers a lone request at
@@ -18,12 +19,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import redis
 
+from ml_platform.experiments.router import Assignment, ExperimentRouter
+from ml_platform.experiments.store import ExperimentStore
 from ml_platform.featurestore.online import NOT_FOUND, OUTSIDE_MAX_AGE, OnlineStoreError, RedisOnlineStore
 from ml_platform.serving.api.metrics import ServingMetrics
 from ml_platform.serving.model_holder import ModelHolder
-from ml_platform.serving.prediction_log import PredictionLogWriter, prediction_entry
+from ml_platform.serving.prediction_log import LIVE, PredictionLogWriter, prediction_entry
+from ml_platform.serving.shadow import ShadowScorer
 from ml_platform.values import nan_to_none
 
 _log = logging.getLogger(__name__)
@@ -47,6 +52,22 @@ class _Job:
 
 
 @dataclass
+class _Served:
+    """A batch's scores in row order: probability, the model that scored it, its inputs, unseen values."""
+
+    probabilities: list[float]
+    models: list
+    features: list[dict]
+    unseen: list[list[str]]
+
+
+def _take(looked_up: Mapping[str, Sequence], idx: np.ndarray) -> dict[str, list]:
+    """The looked-up features of rows `idx` (a subset of the batch, in that order)."""
+    positions = idx.tolist()
+    return {name: [values[i] for i in positions] for name, values in looked_up.items()}
+
+
+@dataclass
 class PredictionService:
     """Scores request rows with the champion: online features + model, micro-batched.
     `run()` is the batcher (one task per service); `predict()` queues rows and awaits them."""
@@ -57,6 +78,9 @@ class PredictionService:
     model_name: str
     log: PredictionLogWriter | None = None
     max_batch_rows: int = 256
+    router: ExperimentRouter | None = None  # routes rows between an experiment's arms
+    experiments: ExperimentStore | None = None  # decisions and sticky assignments (with a router)
+    shadow: ShadowScorer | None = None  # scores the experiment's shadow version off the request path
     _queue: deque = field(default_factory=deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _view_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -117,8 +141,9 @@ class PredictionService:
             job.future.set_exception(exc)
 
     async def _score(self, jobs: list[_Job]) -> None:
-        model = self.holder.current  # one model for the whole batch, whatever swaps meanwhile
-        if model is None:
+        champion = self.holder.current  # one snapshot per batch, whatever swaps meanwhile
+        active = self.router.active if self.router is not None else None
+        if champion is None and active is None:
             raise ServiceUnavailable(
                 "model_not_loaded",
                 f"no model is serving: the registry has no {self.holder.alias!r} version loaded yet "
@@ -126,10 +151,24 @@ class PredictionService:
             )
         batch_started = time.perf_counter()
         rows = [r for job in jobs for r in job.rows]
-        contract = model.contract
+        n = len(rows)
+        assignment = self.router.assign(n, active) if active is not None else None
+        if assignment is not None:
+            if active.config.sticky:
+                assignment = await self._stick(assignment, rows)
+            groups = [
+                (active.models[a], idx)
+                for a in range(len(active.models))
+                if len(idx := np.flatnonzero(assignment.arms == a))
+            ]
+        else:
+            groups = [(champion, None)]
+        shadow = active.shadow if active is not None and self.shadow is not None else None
+        models = [m for m, _ in groups] + ([shadow] if shadow is not None else [])
+        refs = list(dict.fromkeys(ref for m in models for ref in m.contract.feature_refs))
         entity_rows = [{"user_id": r["user_id"], "merchant_id": r["merchant_id"]} for r in rows]
         try:
-            looked_up = await self.online.read_async(contract.feature_refs, entity_rows, include_status=True)
+            looked_up = await self.online.read_async(refs, entity_rows, include_status=True)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise ServiceUnavailable(
                 "redis_unavailable",
@@ -143,27 +182,28 @@ class PredictionService:
         except redis.RedisError as exc:
             raise ServiceUnavailable("redis_error", f"Redis refused the feature read: {exc}") from exc
         read_done = time.perf_counter()
-        scoring = model.scoring
-        scored = scoring.score(rows, looked_up)
-        probabilities = scored.probabilities.tolist()
-        threshold = contract.decision_threshold
-        flags = self._flags(looked_up, len(rows), scoring.unseen_values(scored.inputs))
-        scorer = scoring.name
-        version = model.version
+        served, failed = self._score_groups(groups, rows, looked_up, champion)
+        flags = self._flags(looked_up, n, served.unseen)
         now = time.perf_counter()
         predicted_at = datetime.now(UTC)
+        experiment = active.name if assignment is not None else None
+        arm_names = assignment.arm_names() if assignment is not None else None
+        arm_probabilities = assignment.probabilities.tolist() if assignment is not None else None
         entries = []
         metrics = self.metrics
+        results: list[dict] = []
         offset = 0
         for job in jobs:
             latency_ms = (now - job.started) * 1000.0
             out = []
             for i in range(offset, offset + len(job.rows)):
-                p = probabilities[i]
+                p = served.probabilities[i]
+                model = served.models[i]
+                threshold = model.contract.decision_threshold
                 decision = "fraud" if p >= threshold else "legit"
                 pid = str(uuid.uuid4())
                 row_flags = flags[i]
-                features = {c: nan_to_none(v[i]) for c, v in scored.inputs.items()}
+                features = served.features[i]
                 result = {
                     "prediction_id": pid,
                     "transaction_id": rows[i]["transaction_id"],
@@ -171,16 +211,19 @@ class PredictionService:
                     "decision": decision,
                     "threshold": threshold,
                     "model_name": self.model_name,
-                    "model_version": version,
-                    "scorer": scorer,
+                    "model_version": model.version,
+                    "scorer": model.scoring.name,
                     "latency_ms": round(latency_ms, 3),
                     "flags": row_flags,
+                    "experiment": experiment,
+                    "arm": arm_names[i] if arm_names is not None else None,
+                    "selection_probability": arm_probabilities[i] if arm_probabilities is not None else None,
                 }
                 if job.include_features:
                     result["features"] = features
                 out.append(result)
                 metrics.score.observe(p)
-                metrics.child(metrics.predictions, str(version), decision).inc()
+                metrics.child(metrics.predictions, str(model.version), decision).inc()
                 if row_flags["unknown_entity"]:
                     metrics.unknown_entities.inc()
                 for column in row_flags["unseen_values"]:
@@ -191,27 +234,134 @@ class PredictionService:
                             prediction_id=pid,
                             transaction=rows[i],
                             model_name=self.model_name,
-                            model_version=version,
+                            model_version=model.version,
                             probability=p,
                             decision=decision,
                             threshold=threshold,
-                            scorer=scorer,
+                            scorer=model.scoring.name,
                             latency_ms=latency_ms,
                             flags=row_flags,
                             features=features,
                             predicted_at=predicted_at,
+                            role=LIVE if experiment is not None else None,
+                            experiment=experiment,
+                            arm=result["arm"],
+                            selection_probability=result["selection_probability"],
                         )
                     )
+            results.append(out)
             offset += len(job.rows)
+        if assignment is not None:
+            await self._record(active, results, arm_names, arm_probabilities)
+        for job, out in zip(jobs, results):
             if not job.future.done():
                 job.future.set_result(out)
-        metrics.batch_rows.observe(len(rows))
+        metrics.batch_rows.observe(n)
         stages = metrics.stage_seconds
         metrics.child(stages, "queue").observe(batch_started - jobs[0].started)
         metrics.child(stages, "features").observe(read_done - batch_started)
         metrics.child(stages, "score").observe(now - read_done)
         if self.log is not None:
+            if failed:
+                entries.extend(self._failed_entries(failed, rows, flags, predicted_at, experiment, arm_names,
+                                                    arm_probabilities))  # fmt: skip
             self.log.append(entries)
+        if shadow is not None:
+            mask = self.router.shadow_sample(n, active)
+            if mask.any():
+                live = [r for out in results for r in out]
+                idx = np.flatnonzero(mask)
+                sub_rows = rows if mask.all() else [rows[i] for i in idx]
+                sub_live = live if mask.all() else [live[i] for i in idx]
+                sub_looked = looked_up if mask.all() else _take(looked_up, idx)
+                self.shadow.submit(shadow, sub_rows, sub_looked, sub_live, (read_done - batch_started) * 1000.0,
+                                   active.name)  # fmt: skip
+
+    def _score_groups(self, groups, rows, looked_up, champion) -> tuple[_Served, list]:
+        """Each group's rows scored by its model, scattered back into row order. An experiment
+        arm that raises has its rows scored by the champion instead (the caller still gets an
+        answer; the failure is logged against the arm's version and counted)."""
+        n = len(rows)
+        if len(groups) == 1 and groups[0][1] is None:
+            model = groups[0][0]
+            scored = model.scoring.score(rows, looked_up)
+            inputs = scored.inputs
+            features = [{c: nan_to_none(v[i]) for c, v in inputs.items()} for i in range(n)]
+            return _Served(scored.probabilities.tolist(), [model] * n, features,
+                           model.scoring.unseen_values(inputs)), []  # fmt: skip
+        probabilities: list = [None] * n
+        models: list = [None] * n
+        features: list = [None] * n
+        unseen: list = [None] * n
+        failed = []
+        for model, idx in groups:
+            sub_rows = [rows[i] for i in idx]
+            sub_looked = _take(looked_up, idx)
+            try:
+                scored = model.scoring.score(sub_rows, sub_looked)
+            except Exception as exc:  # noqa: BLE001 - the champion answers for a failing arm
+                if champion is None or model is champion:
+                    raise
+                _log.exception("experiment arm v%s failed to score %d rows; the champion answers", model.version,
+                               len(idx))  # fmt: skip
+                self.metrics.child(self.metrics.prediction_errors, "experiment_arm_failed").inc(len(idx))
+                failed.append((model, idx, f"{type(exc).__name__}: {exc}"[:500]))
+                model = champion
+                scored = model.scoring.score(sub_rows, sub_looked)
+            sub_unseen = model.scoring.unseen_values(scored.inputs)
+            for j, i in enumerate(idx.tolist()):
+                probabilities[i] = float(scored.probabilities[j])
+                models[i] = model
+                features[i] = {c: nan_to_none(v[j]) for c, v in scored.inputs.items()}
+                unseen[i] = sub_unseen[j]
+        return _Served(probabilities, models, features, unseen), failed
+
+    def _failed_entries(self, failed, rows, flags, predicted_at, experiment, arm_names, arm_probabilities):
+        """The log's record of an arm's failure: its rows under its version, unscored, the error in flags."""
+        out = []
+        for model, idx, error in failed:
+            for i in idx.tolist():
+                out.append(
+                    prediction_entry(
+                        prediction_id=f"{uuid.uuid4()}", transaction=rows[i], model_name=self.model_name,
+                        model_version=model.version, probability=float("nan"), decision=None,
+                        threshold=model.contract.decision_threshold, scorer=model.scoring.name, latency_ms=0.0,
+                        flags={**flags[i], "error": error, "answered_by": "champion"}, features={},
+                        predicted_at=predicted_at, role=LIVE, experiment=experiment, arm=arm_names[i],
+                        selection_probability=arm_probabilities[i],
+                    )
+                )  # fmt: skip
+        return out
+
+    async def _stick(self, assignment: Assignment, rows: list[dict]) -> Assignment:
+        """Sticky experiments: a card holder keeps the arm of their first decision (and its
+        probability). Redis unreachable: this batch uses the fresh draw (logged)."""
+        active = assignment.experiment
+        names = active.arm_names
+        proposals = [f"{names[a]}|{p:.6f}" for a, p in zip(assignment.arms.tolist(), assignment.probabilities.tolist())]
+        try:
+            stuck = await self.experiments.stick(active.name, [r["user_id"] for r in rows], proposals)
+        except (redis.RedisError, OSError) as exc:
+            _log.warning("sticky assignment unavailable (%s); using this batch's draws", exc)
+            return assignment
+        index = {name: i for i, name in enumerate(names)}
+        arms = assignment.arms.copy()
+        probabilities = assignment.probabilities.copy()
+        for i, value in enumerate(stuck):
+            name, _, p = value.partition("|")
+            if name in index:  # an arm the experiment no longer has: the fresh draw
+                arms[i], probabilities[i] = index[name], float(p)
+        return Assignment(active, arms, probabilities)
+
+    async def _record(self, active, results, arm_names, arm_probabilities) -> None:
+        """Remember each decision's arm for its late reward (before the caller can send one)."""
+        pids = [r["prediction_id"] for out in results for r in out]
+        try:
+            await self.experiments.record_decisions(active.name, pids, arm_names, arm_probabilities,
+                                                    active.config.feedback_ttl_s)  # fmt: skip
+        except (redis.RedisError, OSError) as exc:
+            self.metrics.child(self.metrics.prediction_errors, "decision_not_recorded").inc(len(pids))
+            _log.warning("experiment %s: %d decisions not recorded (%s)", active.name, len(pids), exc)
 
     def _flags(self, looked_up: Mapping[str, Sequence], n: int, unseen: Sequence[list[str]]) -> list[dict]:
         statuses = {k[: -len("__status")]: v for k, v in looked_up.items() if k.endswith("__status")}
