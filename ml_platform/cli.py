@@ -342,5 +342,14 @@ def ui(host: str, port: int) -> None:
     os.execv(args[0], args)
 
 
+def _register_groups() -> None:
+    from ml_platform.experiment_cli import experiment, rollout
+
+    main.add_command(experiment)
+    main.add_command(rollout)
+
+
+_register_groups()
+
 if __name__ == "__main__":
     main()

@@ -39,12 +39,17 @@ def test_definitions_load_with_the_whole_graph():
     monitoring = {"label_feed", "data_drift", "prediction_drift", "model_performance", "serving_health",
                   "monitoring_dashboard"}
     assert monitoring <= keys
-    # training_pipeline is everything but batch scoring, the log drain and monitoring.
+    experiments = {"shadow_comparison", "experiment_rewards", "rollout_status"}
+    assert experiments <= keys
+    # training_pipeline is everything but batch scoring, the log drain, monitoring and experiments.
     job = defs.resolve_job_def("training_pipeline")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert selected == keys - {"batch_predictions", "prediction_log", "cost_report"} - monitoring
+    assert selected == keys - {"batch_predictions", "prediction_log", "cost_report"} - monitoring - experiments
     job = defs.resolve_job_def("daily_monitoring")
-    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == monitoring
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == monitoring | {"experiment_rewards"}
+    job = defs.resolve_job_def("shadow_report")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"shadow_comparison"}
+    assert {"rollout_sensor", "shadow_report_sensor"} <= {s.name for s in defs.sensors}
     checks = {spec.name: spec.blocking for spec in a.raw_transactions.check_specs}
     assert checks == {a.RAW_CHECK: True}
     assert {spec.name: spec.blocking for spec in a.training_set.check_specs} == {a.TRAINING_CHECK: True}
@@ -90,7 +95,7 @@ def test_daily_scoring_has_one_backfill_policy_and_resolves_without_warnings():
         "raw_transactions": dg.BackfillPolicy.single_run(),
         "batch_predictions": dg.BackfillPolicy.single_run(),
         **{k: None for k in ("label_feed", "data_drift", "prediction_drift", "model_performance",
-                             "serving_health", "monitoring_dashboard")},
+                             "serving_health", "monitoring_dashboard", "experiment_rewards")},
     }
 
 
@@ -103,10 +108,13 @@ def test_schedules_ship_running():
         "cost_reporting_schedule": dg.DefaultScheduleStatus.RUNNING,
     }
     # Monitoring follows each successful scoring run (a run-status sensor), the retrain sensor
-    # follows monitoring; both ship running too.
+    # follows monitoring, the rollout sensor advances a running rollout and the shadow report
+    # follows a running shadow; all ship running too (each does nothing until there is work).
     sensors = {s.name: s.default_status for s in defs.sensors}
     assert sensors == {"monitor_after_scoring": dg.DefaultSensorStatus.RUNNING,
-                       "retrain_sensor": dg.DefaultSensorStatus.RUNNING}
+                       "retrain_sensor": dg.DefaultSensorStatus.RUNNING,
+                       "rollout_sensor": dg.DefaultSensorStatus.RUNNING,
+                       "shadow_report_sensor": dg.DefaultSensorStatus.RUNNING}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import dagster as dg
 
 from ml_platform.defs import assets as a
 from ml_platform.defs import cost as c
+from ml_platform.defs import experiments as x
 from ml_platform.defs import monitoring as m
 from ml_platform.defs.resources import MLflowRegistryResource, default_resources
 from ml_platform.defs.sensors import retrain_sensor
@@ -29,15 +30,19 @@ ALL_ASSETS = [
     a.prediction_log,
     *m.MONITORING_ASSETS,
     c.cost_report,
+    *x.EXPERIMENT_ASSETS,
+    x.rollout_status,
 ]
-MONITORING_SELECTION = dg.AssetSelection.assets("label_feed") | dg.AssetSelection.groups("monitoring")
+MONITORING_SELECTION = dg.AssetSelection.assets("label_feed", "experiment_rewards") | dg.AssetSelection.groups(
+    "monitoring"
+)
 
 training_pipeline = dg.define_asset_job(
     "training_pipeline",
     selection=dg.AssetSelection.all()
     - dg.AssetSelection.assets("batch_predictions", "prediction_log")
     - MONITORING_SELECTION
-    - dg.AssetSelection.groups("cost"),
+    - dg.AssetSelection.groups("cost", "experiments"),
     description="End to end: raw events -> validation -> features -> training set -> train -> evaluate -> register.",
 )
 retrain_job = dg.define_asset_job(
@@ -88,8 +93,9 @@ drain_prediction_log_schedule = dg.ScheduleDefinition(
 daily_monitoring = dg.define_asset_job(
     "daily_monitoring",
     selection=MONITORING_SELECTION,
-    description="The day's label feed, then data drift, prediction drift, labelled performance and serving "
-    "health against the champion, and the dashboard with its HTML report (one day per run).",
+    description="The day's label feed (and the label rewards of experiments that take them), then data drift, "
+    "prediction drift, labelled performance and serving health against the champion, and the dashboard with "
+    "its HTML report (one day per run).",
 )
 
 
@@ -128,9 +134,9 @@ def build_definitions(settings: Settings | None = None, event_source: dict | Non
         assets=ALL_ASSETS,
         asset_checks=[a.online_offline_skew],
         jobs=[training_pipeline, retrain_job, rollback, daily_scoring, drain_prediction_log_job, daily_monitoring,
-              cost_reporting],
+              cost_reporting, x.shadow_report_job],
         schedules=[daily_scoring_schedule, drain_prediction_log_schedule, cost_reporting_schedule],
-        sensors=[monitor_after_scoring, retrain_sensor],
+        sensors=[monitor_after_scoring, retrain_sensor, *x.EXPERIMENT_SENSORS],
         resources=default_resources(settings, **overrides),
     )
 

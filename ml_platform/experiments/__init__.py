@@ -9,6 +9,8 @@ from live evidence, and a new version moved to full traffic in guarded stages.
   shadow_report.py  live vs shadow on the same rows: agreement, flips, latencies, errors, metrics
   rollout.py        the staged rollout state machine (shadow -> 5 % -> 50 % -> 100 %), pure
   rewards.py        arrived labels -> rewards for the experiment's decisions
+  evidence.py       a rollout stage's evidence from the prediction log, the rewards and the monitors
+  manage.py         the lifecycle the CLI and the sensor drive: experiments and rollouts, alias moves
 
 Plain Python (no Dagster): `ml_platform.defs.experiments` is the Dagster layer.
 """

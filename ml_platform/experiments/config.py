@@ -167,13 +167,3 @@ class ExperimentConfig:
         if "prior" in values:
             values["prior"] = tuple(values["prior"])
         return cls(**values)
-
-    def with_weights(self, weights: Mapping[str, float], shadow_share: float | None = None) -> ExperimentConfig:
-        """The same experiment with new fixed shares (a rollout's next stage)."""
-        data = self.to_dict()
-        data["weights"] = dict(weights)
-        if shadow_share is not None:
-            data["shadow_share"] = shadow_share
-            if not shadow_share:
-                data["shadow_version"] = None
-        return ExperimentConfig.from_dict(data)

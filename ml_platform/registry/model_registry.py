@@ -241,13 +241,25 @@ class ModelRegistry:
         )
         why = why or reason
         if promoted:
-            if champion_before is not None:
-                self.set_alias(PREVIOUS_CHAMPION, champion_before, who=who, why=why, action="promote")
-            self.set_alias(CHAMPION, challenger_version, who=who, why=why, action="promote")
+            self.promote(challenger_version, who=who, why=why)
         self.client.set_model_version_tag(
             self.model_name, str(challenger_version), "promotion_decision", json.dumps(decision.to_dict())
         )
         return decision
+
+    def promote(self, version: int, who: str | None = None, why: str = "") -> int | None:
+        """Make `version` the champion (audited); the champion it replaces becomes
+        `previous-champion` (serving processes keep it loaded for an instant rollback). Returns
+        the replaced champion's version (None if there was none)."""
+        version = int(version)
+        self.audit.require_version(version)
+        before = self.audit.alias_version(CHAMPION)
+        if before == version:
+            return before
+        if before is not None:
+            self.set_alias(PREVIOUS_CHAMPION, before, who=who, why=why, action="promote")
+        self.set_alias(CHAMPION, version, who=who, why=why, action="promote")
+        return before
 
     def rollback(self, who: str | None = None, why: str = "") -> tuple[int, int]:
         """Move `champion` back to the previous champion; returns (from_version, to_version).

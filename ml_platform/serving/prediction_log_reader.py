@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from ml_platform.serving.prediction_log import (
     FEATURE_PREFIX,
-    LOG_COLUMNS,
     LIVE,
+    LOG_COLUMNS,
     LOG_SCHEMA,
     ROLE_COLUMN,
     SOURCE_COLUMN,

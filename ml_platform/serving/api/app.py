@@ -23,8 +23,8 @@ from ml_platform.experiments.router import ExperimentRouter
 from ml_platform.experiments.store import ExperimentStore
 from ml_platform.featurestore.online import RedisOnlineStore
 from ml_platform.serving.api.config import ServingConfig
-from ml_platform.serving.api.metrics import HttpMetricsMiddleware, ServingMetrics
 from ml_platform.serving.api.experiment_routes import experiment_router
+from ml_platform.serving.api.metrics import HttpMetricsMiddleware, ServingMetrics
 from ml_platform.serving.api.routes import router
 from ml_platform.serving.api.service import PredictionService, ServiceUnavailable
 from ml_platform.serving.model_holder import ModelHolder, SwapEvent

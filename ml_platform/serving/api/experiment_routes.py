@@ -163,8 +163,11 @@ async def experiment(request: Request, name: str) -> JSONResponse:
             "stopped_at": float(meta["stopped_at"]) if "stopped_at" in meta else None,
             "routing": config.routing,
             "arms": {arm: s.to_dict() for arm, s in stats.items()},
-            "shadow": {"version": config.shadow_version, "share": config.shadow_share,
-                       **(state.shadow.status() if state.shadow is not None else {})},
+            "shadow": {
+                "version": config.shadow_version,
+                "share": config.shadow_share,
+                **(state.shadow.status() if state.shadow is not None else {}),
+            },
             "feedback": counts,
             "config": config.to_dict(),
             "this_process": {
@@ -172,5 +175,5 @@ async def experiment(request: Request, name: str) -> JSONResponse:
                 "revision": active.revision if active is not None and active.name == name else None,
                 "last_error": router.last_error if router is not None else None,
             },
-        }  # fmt: skip
+        }
     )
