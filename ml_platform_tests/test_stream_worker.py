@@ -518,3 +518,55 @@ def test_an_event_loop_can_drive_the_champion_watcher(tiny_platform):
         assert asyncio.run(scenario()) == [current, previous]
     finally:
         registry.set_alias(CHAMPION, current, who="test", why="restore after async watch test")
+
+
+def test_an_experiment_routes_stream_events_by_arm_with_each_arms_own_features(
+    tiny_platform, today_events, make_worker, tmp_path
+):
+    """The stream worker routes by the same experiment as the API (the router reads the shared
+    posteriors in Redis): each arm's events are scored by its version with exactly the features a
+    worker serving that version alone computes; the decision is recorded for late feedback and
+    the prediction log says which arm served."""
+    from ml_platform.experiments.config import ExperimentConfig
+    from ml_platform.experiments.router import ExperimentRouter
+    from ml_platform.experiments.store import ExperimentStore
+    from ml_platform.serving.prediction_log_drain import drain_stream_predictions
+    from ml_platform.serving.prediction_log_reader import read_prediction_log
+
+    platform = tiny_platform
+    _config, events = today_events
+    events = events.head(300)
+    store = ExperimentStore(platform.redis, f"{platform.project}:xs-{uuid.uuid4().hex[:6]}")  # cleaned with the project
+    store.start(ExperimentConfig(name="stream-ab", arms={"v1": 1, "v2": 2}), who="test")
+    try:
+        router = ExperimentRouter(store, load=lambda v: load_version(platform.registry, v), seed=3)
+        router.refresh()
+        routed = make_worker(namespace="x")
+        routed.router = router
+        publish_events(platform.redis, routed.names.input, events)
+        routed.run(until_idle=True)
+        got = {p["event_id"]: p for p in read_predictions(platform.redis, routed.names.output)}
+        assert len(got) == len(events)
+        assert {p["arm"] for p in got.values()} == {"v1", "v2"}
+        alone = {}
+        for version, namespace in ((1, "y"), (2, "z")):
+            worker = make_worker(namespace=namespace, model_source=FixedModel(load_version(platform.registry, version)))
+            publish_events(platform.redis, worker.names.input, events)
+            worker.run(until_idle=True)
+            alone[version] = {p["event_id"]: p for p in read_predictions(platform.redis, worker.names.output)}
+        for event_id, p in got.items():
+            assert p["experiment"] == "stream-ab" and p["role"] == "live" and p["model_version"] == int(p["arm"][1:])
+            assert 0 < p["selection_probability"] <= 1
+            twin = alone[p["model_version"]][event_id]
+            assert p["probability"] == pytest.approx(twin["probability"], abs=TOL)
+            assert p["features"] == twin["features"]
+        some = next(iter(got.values()))
+        assert store.feedback_sync([(f"stream-{some['event_id']}", 1.0)]) == [("accepted", some["arm"])]
+        stats = store.stats("stream-ab")
+        assert stats["v1"].served + stats["v2"].served == len(events)
+        drain_stream_predictions(platform.redis, routed.names.output, tmp_path / "log")
+        log = read_prediction_log(tmp_path / "log", sources=["stream"], with_features=False)
+        assert len(log) == len(events) and set(log["experiment"]) == {"stream-ab"}
+        assert (log["arm"] == "v" + log["model_version"].astype(str)).all()
+    finally:
+        store.delete("stream-ab")

@@ -144,6 +144,27 @@ class ExperimentRouter:
             return np.zeros(n, dtype=bool)
         return np.ones(n, dtype=bool) if share >= 1 else self.rng.random(n) < share
 
+    def start(self) -> ExperimentRouter:
+        """Refresh now, then every `refresh_s` in a daemon thread (the stream worker's way)."""
+        import threading
+
+        self.refresh()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="experiment-router", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._stop.set()
+            thread.join(timeout=10)
+            self._thread = None
+
     async def watch(self, stop: Any) -> None:
         """Refresh every `refresh_s` until the asyncio.Event `stop` is set (each refresh in a thread)."""
         import asyncio

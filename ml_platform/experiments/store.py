@@ -292,6 +292,17 @@ class ExperimentStore:
 
     # ---- the request path (async client)
 
+    def _decisions(self, pipe, name, prediction_ids, arms, probabilities, ttl_s) -> None:
+        served: dict[str, int] = {}
+        for pid, arm, p in zip(prediction_ids, arms, probabilities):
+            key = self.decision_key(pid)
+            pipe.hset(key, mapping={"e": name, "a": arm, "p": round(float(p), 6)})
+            pipe.expire(key, ttl_s)
+            served[arm] = served.get(arm, 0) + 1
+        counts = self.key(name, "counts")
+        for arm, n in served.items():
+            pipe.hincrby(counts, f"{arm}:served", n)
+
     async def record_decisions(
         self,
         name: str,
@@ -302,17 +313,15 @@ class ExperimentStore:
     ) -> None:
         """Remember which arm served each prediction (and its selection probability), so a reward
         arriving later goes to that arm; count the decisions per arm. One pipeline."""
-        served: dict[str, int] = {}
         async with self.async_client.pipeline(transaction=False) as pipe:
-            for pid, arm, p in zip(prediction_ids, arms, probabilities):
-                key = self.decision_key(pid)
-                pipe.hset(key, mapping={"e": name, "a": arm, "p": round(float(p), 6)})
-                pipe.expire(key, ttl_s)
-                served[arm] = served.get(arm, 0) + 1
-            counts = self.key(name, "counts")
-            for arm, n in served.items():
-                pipe.hincrby(counts, f"{arm}:served", n)
+            self._decisions(pipe, name, prediction_ids, arms, probabilities, ttl_s)
             await pipe.execute()
+
+    def record_decisions_sync(self, name, prediction_ids, arms, probabilities, ttl_s: int) -> None:
+        """`record_decisions` with the sync client (the stream worker)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            self._decisions(pipe, name, prediction_ids, arms, probabilities, ttl_s)
+            pipe.execute()
 
     async def stick(self, name: str, users: Sequence[int], proposals: Sequence[str]) -> list[str]:
         """Sticky assignment: each user's arm ("<arm>|<p>"), the proposal for a user seen first."""

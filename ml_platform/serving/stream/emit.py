@@ -84,6 +84,7 @@ def prediction_items(
     features: Mapping[str, Any] | None,
     model,
     consumer: str,
+    experiment: tuple[str, str, np.ndarray] | None = None,
 ) -> list[PredictionItem]:
     """The emit script's prediction items for a scored batch (`scores` NaN: not scored, a null
     probability and decision). `model` (a LoadedModel/ScoringPath, or None) names the version,
@@ -92,7 +93,9 @@ def prediction_items(
     order (`feature_arrays`; the names: `publish_input_columns`). What can be is computed
     for the whole batch first (times, probabilities, decisions). Each prediction carries what the
     prediction log needs (`prediction_log_drain.StreamRecords`): the transaction's request fields,
-    the model's name, version and scorer, the threshold, the decision, the inputs."""
+    the model's name, version and scorer, the threshold, the decision, the inputs; during an
+    experiment (`experiment` = (name, arm, selection probability per event)) its role, experiment,
+    arm and selection probability."""
     scored_at = datetime.now(UTC).isoformat()
     threshold = model.contract.decision_threshold if model is not None else None
     version = "null" if model is None else int(model.version)
@@ -119,6 +122,11 @@ def prediction_items(
     except TypeError:  # str ids (a client decoding its responses)
         input_ids = [as_text(entry_id) for entry_id in ids]
     inputs = feature_arrays(features, len(transactions)) if features is not None else None
+    routed = None
+    if experiment is not None:
+        name, arm, chosen = experiment
+        head = f',"role":"live","experiment":{json_quote(name)},"arm":{json_quote(arm)},"selection_probability":'
+        routed = [head + repr(p) for p in np.asarray(chosen, dtype=float).tolist()]
     # The request's strings (category, country, device, channel) repeat: each field's values are
     # written once per batch, then looked up (their combinations hardly repeat).
     members = []
@@ -138,6 +146,8 @@ def prediction_items(
             f'"merchant_id":{event["merchant_id"]},"amount":{float(event["amount"])!r}{request_members[i]},'
             f'"event_timestamp":"{stamp}+00:00","probability":{probability},"decision":{decision}{fixed}{input_id}"'
         )
+        if routed is not None:
+            body += routed[i]
         if inputs is not None:
             body += ',"features":' + inputs[i]
         out.append((entry_id, done_key, event_id, body + "}", f"{tag}{probability} {word}"))

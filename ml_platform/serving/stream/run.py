@@ -21,10 +21,12 @@ _log = logging.getLogger(__name__)
 
 
 def build_worker(
-    settings, config: StreamConfig | None = None, *, client: redis.Redis | None = None, model_source=None
+    settings, config: StreamConfig | None = None, *, client: redis.Redis | None = None, model_source=None,
+    router=None,
 ) -> StreamWorker:
     """A worker wired from settings: Redis, online store, updater, and (unless `model_source` is
-    given) a `ChampionWatcher` of the settings' registered model (not started)."""
+    given) a `ChampionWatcher` of the settings' registered model and an `ExperimentRouter` of the
+    project's experiments loading versions the same way (neither started)."""
     from ml_platform.featurestore.redis_server import redis_client
 
     config = config or StreamConfig()
@@ -41,7 +43,24 @@ def build_worker(
             poll_s=config.model_poll_s,
             scorer=config.scorer,
         )
-    return StreamWorker(client, online, updater, model_source, settings.project, config)
+        if router is None:
+            from ml_platform.experiments.router import ExperimentRouter
+            from ml_platform.experiments.store import ExperimentStore
+
+            router = ExperimentRouter(ExperimentStore(client, settings.project), _cached_loader(model_source))
+    return StreamWorker(client, online, updater, model_source, settings.project, config, router=router)
+
+
+def _cached_loader(watcher):
+    """Versions loaded as the watcher loads the champion, each once (an experiment's few arms)."""
+    loaded: dict[int, Any] = {}
+
+    def load(version: int):
+        if version not in loaded:
+            loaded[version] = watcher.loader(watcher.registry, version)
+        return loaded[version]
+
+    return load
 
 
 def run_worker(
@@ -74,6 +93,8 @@ def run_worker(
     watcher = worker.model_source if isinstance(worker.model_source, ChampionWatcher) else None
     if watcher is not None:
         watcher.start()
+    if worker.router is not None:
+        worker.router.start()
     reporter_stop = threading.Event()
 
     def report() -> None:
@@ -89,5 +110,7 @@ def run_worker(
         reporter_stop.set()
         if watcher is not None:
             watcher.stop()
+        if worker.router is not None:
+            worker.router.stop()
     _log.info("stream worker %s stopped: %s", worker.consumer, worker.stats.as_dict())
     return worker.stats.as_dict()

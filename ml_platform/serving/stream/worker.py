@@ -9,7 +9,8 @@ Per batch (XREADGROUP of up to `batch_size` entries, or XAUTOCLAIM of a dead wor
   3. fold the events into the per-entity buffers (`StreamingUpdater`) and take, for each event,
      its features as of just before it (`features.feature_lookup_time`); views the stream does
      not update are read from the online store (`scoring_plan.ScoringPlan`);
-  4. score the batch with the model (one call of its scoring path), then write the entities' new
+  4. score the batch with the model (one call of its scoring path; during an experiment, each
+     arm's events with its own version, `arms.py`), then write the entities' new
      latest values into the online store (`RedisOnlineStore.update_entities`);
   5. the emit script (`emit.py`): decisions, outputs, dead letters, then XACK, atomically.
 Steps 4 (online write) and 5 run in the sink thread (`sink.BatchSink`) while the next batch is
@@ -39,6 +40,7 @@ from ml_platform import features as fr
 from ml_platform.featurestore.online import OnlineStoreError, RedisOnlineStore
 from ml_platform.featurestore.streaming import EVENT_ID, PendingFold, StreamingUpdater
 from ml_platform.serving.scoring import LoadedModel
+from ml_platform.serving.stream.arms import arm_items
 from ml_platform.serving.stream.config import StreamConfig
 from ml_platform.serving.stream.emit import Emitter, logged_features, prediction_items, publish_input_columns
 from ml_platform.serving.stream.events import EVENT_FIELD, TRANSACTION, MalformedEvent, parse_event
@@ -71,8 +73,10 @@ class StreamWorker:
         model_source,
         project: str,
         config: StreamConfig | None = None,
+        router=None,  # an experiments.router.ExperimentRouter: the active experiment's arms score
     ) -> None:
         self.client = client
+        self.router = router
         self.online = online
         self.updater = updater
         self.model_source = model_source
@@ -444,20 +448,12 @@ class StreamWorker:
                 latest_rows[name] = folded.latest[name]
             clock.lap("fold")
             event_us = np.fromiter([e[fr.EVENT_TS] for e in events], np.int64, len(events))
-            plan = self._plan(model)
-            scores, looked_up = plan.score(model, events, event_us, folded, self.online)
-            clock.lap("score")
-            features = None
-            if self.config.include_features:
-                features = logged_features(model, plan.request_columns, events, event_us, looked_up)
-                schema = (int(model.version), tuple(features))
-                if schema not in self._input_columns:  # the names of the features array, once per version
-                    publish_input_columns(self.client, self.names.output, *schema)
-                    self._input_columns.add(schema)
-            predictions = prediction_items(
-                transactions, done_keys, event_us, scores, features, model, self.consumer
-            )
-            clock.lap("output")
+            active = self.router.active if self.router is not None else None
+            if active is None:
+                predictions = self.items(model, transactions, done_keys, events, event_us, folded)
+            else:  # an experiment: each arm's events scored by its version (`arms.py`)
+                predictions = arm_items(self, active, transactions, done_keys, events, event_us, folded)
+            clock.lap("score")  # scoring and the prediction items
         job = (latest_rows, predictions, label_done, dead, acks)
         if self._sink is not None:
             # The writes run in the sink thread while this thread reads and folds the next batch
@@ -470,6 +466,21 @@ class StreamWorker:
         self.stats.entries += len(batch.entries)
         self.stats.batches += 1
         self.stats.labels += len(label_done)
+
+    def items(self, model, transactions, done_keys, events, event_us, folded, experiment=None) -> list:
+        """Score events with `model` and build their prediction items (`experiment`: the
+        (name, arm, selection probabilities) an experiment's arm adds to each prediction)."""
+        plan = self._plan(model)
+        scores, looked_up = plan.score(model, events, event_us, folded, self.online)
+        features = None
+        if self.config.include_features:
+            features = logged_features(model, plan.request_columns, events, event_us, looked_up)
+            schema = (int(model.version), tuple(features))
+            if schema not in self._input_columns:  # the names of the features array, once per version
+                publish_input_columns(self.client, self.names.output, *schema)
+                self._input_columns.add(schema)
+        return prediction_items(transactions, done_keys, event_us, scores, features, model, self.consumer,
+                                experiment=experiment)  # fmt: skip
 
     def _write(self, job, clock: PhaseClock | None = None) -> None:
         """A batch's writes: the new feature values into the online store first (so they are
