@@ -177,3 +177,41 @@ def test_the_sensor_reports_transitions_as_materializations_and_holds_as_skips(a
     assert control.status()["status"] == "aborted" and store.active() is None
     skipped = rollout_sensor(dg.build_sensor_context(resources=resources))
     assert isinstance(skipped, dg.SkipReason) and skipped.skip_message == "no rollout is running"
+
+
+def test_the_experiment_and_rollout_commands(api, tiny_platform, monkeypatch):
+    """`ml-platform experiment start|status|stop` and `rollout start|status|abort` on this platform."""
+    from click.testing import CliRunner
+
+    from ml_platform.cli import main
+
+    s = tiny_platform.settings
+    for key, value in {"ML_PLATFORM_DATA_DIR": str(s.data_dir), "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
+                       "REDIS_URL": s.redis_url, "ML_PLATFORM_MODEL_NAME": s.model_name,
+                       "ML_PLATFORM_PROJECT": s.project}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    cli = CliRunner()
+    refused = cli.invoke(main, ["experiment", "start", "cli-bad", "--version", "2", "--version", "9"])
+    assert refused.exit_code == 1 and "arms.v9: version 9 is not registered" in refused.output
+    started = cli.invoke(main, ["experiment", "start", "cli-ab", "--version", "1", "--version", "2",
+                                "--exploration-floor", "0.1", "--who", "alice"])  # fmt: skip
+    assert started.exit_code == 0, started.output
+    assert "experiment 'cli-ab' started: thompson over v1=v1, v2=v2" in started.output
+    status = cli.invoke(main, ["experiment", "status"])
+    assert status.exit_code == 0 and "experiment cli-ab: running (routing the API's traffic)" in status.output
+    assert "started" in status.output and "by alice" in status.output
+    busy = cli.invoke(main, ["rollout", "start", "--candidate", "1"])
+    assert busy.exit_code == 1 and "experiment 'cli-ab' is running; stop it" in busy.output
+    assert cli.invoke(main, ["experiment", "stop", "cli-ab", "--reason", "done"]).exit_code == 0
+    champion = tiny_platform.registry.champion().version
+    candidate = 1 if champion == 2 else 2
+    rolled = cli.invoke(main, ["rollout", "start", "--candidate", str(candidate), "--stages", "shadow,10,100",
+                               "--min-duration", "60"])  # fmt: skip
+    assert rolled.exit_code == 0, rolled.output
+    assert f"v{candidate} against champion v{champion}, stages shadow -> 10% -> 100%; now in shadow" in rolled.output
+    held = cli.invoke(main, ["rollout", "advance"])
+    assert held.exit_code == 0 and "holding at shadow: shadow: 0/500 samples" in held.output, held.output
+    aborted = cli.invoke(main, ["rollout", "abort", "--reason", "not today", "--who", "bob"])
+    assert aborted.exit_code == 0 and "rollout aborted at shadow: not today" in aborted.output
+    shown = cli.invoke(main, ["rollout", "status"])
+    assert "aborted" in shown.output and "shadow -> aborted  by bob: not today" in shown.output
