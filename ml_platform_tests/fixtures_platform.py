@@ -238,6 +238,18 @@ def tiny_platform(tmp_path_factory):
         platform.cleanup()
 
 
+@pytest.fixture(scope="module")
+def experiment_api(tiny_platform):
+    """The module's tiny platform served in process, with the experiment router refreshing every
+    0.1 s (and the champion polled every 0.2 s)."""
+    from ml_platform.serving.api import ServingConfig, create_app
+    from ml_platform.serving.api.testing import InProcessClient
+
+    app = create_app(tiny_platform.settings, ServingConfig(poll_interval_s=0.2, experiment_refresh_s=0.1))
+    with InProcessClient(app) as client:
+        yield client
+
+
 # --------------------------------------------------------------------------- a real server
 
 

@@ -12,21 +12,17 @@ import pytest
 
 from ml_platform.experiments.config import ExperimentConfig
 from ml_platform.experiments.manage import start_experiment
-from ml_platform.serving.api import ServingConfig, create_app
-from ml_platform.serving.api.testing import InProcessClient
 from ml_platform.serving.prediction_log import ENTRY_FIELD, prediction_stream_key
 
 try:
-    from fixtures_platform import tiny_platform
+    from fixtures_platform import experiment_api, tiny_platform
 except ImportError:
-    from ml_platform_tests.fixtures_platform import tiny_platform  # noqa: F401
+    from ml_platform_tests.fixtures_platform import experiment_api, tiny_platform  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def api(tiny_platform):
-    app = create_app(tiny_platform.settings, ServingConfig(poll_interval_s=0.2, experiment_refresh_s=0.1))
-    with InProcessClient(app) as c:
-        yield c
+def api(experiment_api):
+    return experiment_api
 
 
 def _state(api):

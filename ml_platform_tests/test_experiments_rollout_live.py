@@ -22,13 +22,11 @@ from ml_platform.experiments.evidence import gather_evidence
 from ml_platform.experiments.manage import RolloutControl
 from ml_platform.experiments.rollout import COMPLETED, ROLLED_BACK, Guardrails, RolloutPlan, Stage
 from ml_platform.registry import CHAMPION, PREVIOUS_CHAMPION
-from ml_platform.serving.api import ServingConfig, create_app
-from ml_platform.serving.api.testing import InProcessClient
 
 try:
-    from fixtures_platform import tiny_platform
+    from fixtures_platform import experiment_api, tiny_platform
 except ImportError:
-    from ml_platform_tests.fixtures_platform import tiny_platform  # noqa: F401
+    from ml_platform_tests.fixtures_platform import experiment_api, tiny_platform  # noqa: F401
 
 # Fast stages for a test: no minimum duration, 40 candidate predictions each; the reward
 # comparison needs 40 rewarded rows per arm. Latency limits are loose (an in-process server on a
@@ -42,10 +40,8 @@ PLAN = RolloutPlan(
 
 
 @pytest.fixture(scope="module")
-def api(tiny_platform):
-    app = create_app(tiny_platform.settings, ServingConfig(poll_interval_s=0.2, experiment_refresh_s=0.1))
-    with InProcessClient(app) as c:
-        yield c
+def api(experiment_api):
+    return experiment_api
 
 
 def _state(api):

@@ -41,7 +41,7 @@ __all__ = ["ROLLOUT_PREFIX", "RolloutControl", "check_versions", "experiment_sta
            "start_experiment"]  # fmt: skip
 from ml_platform.experiments.store import RUNNING, ExperimentStore
 
-ROLLOUT_PREFIX = "rollout-v"  # a rollout's experiment: rollout-v<candidate>-<start time>
+ROLLOUT_PREFIX = "rollout-v"  # a rollout's experiment: rollout-v<candidate>-<start time, ms>
 
 
 # --------------------------------------------------------------------------- experiments
@@ -182,7 +182,7 @@ class RolloutControl:
             raise ValueError(
                 f"rollout {running[0]!r} of v{running[1].candidate_version} is running; abort it first"
             )
-        name = f"{ROLLOUT_PREFIX}{int(candidate)}-{int(now)}"
+        name = f"{ROLLOUT_PREFIX}{int(candidate)}-{int(now * 1000)}"
         state = start_rollout(int(candidate), int(champion.version), plan, who=who, now=now)
         config = stage_config(name, state)
         check_versions(self.registry, config)
