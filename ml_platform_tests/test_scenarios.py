@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import scenario_runs
 
+from ml_platform.monitoring.retrain_policy import RetrainPolicy
+
 # The first test waits for the two scenarios (the module fixture): up to their own time limit.
 pytestmark = pytest.mark.timeout(scenario_runs.TIMEOUT_S + 60)
 
@@ -59,9 +61,15 @@ def test_drift_scenario_alerts_at_the_onset_and_retrains_once_for_the_better(sce
     assert not [d for d in days[:39] if d["retrain_run_key"]]
     first = next(d for d in days[39:] if d["statuses"].get("data_drift") == "alert")
     assert first["number"] <= 42, f"data-drift alert only on day {first['number']}:\n{table}"
+    # One episode: a retrain whose model cannot beat the champion on the post-drift rows is retried
+    # (the policy's max_unpromoted_retries, each with more labels); the last one is promoted.
     requests = [d for d in days if d["retrain_run_key"]]
-    assert len(requests) == 1, f"{len(requests)} retrains requested:\n{table}"
-    retrain = requests[0]
+    assert 1 <= len(requests) <= 1 + RetrainPolicy().max_unpromoted_retries, f"{len(requests)} retrains:\n{table}"
+    assert {d["retrain_run_key"].rsplit(":", 1)[0] for d in requests} == {f"retrain:{report['scenario']['onset']}"}
+    assert [d["retrain_outcome"] for d in requests[:-1]] == ["not_promoted"] * (len(requests) - 1), table
+    for lost in requests[:-1]:  # not promoted because the champion was better on the same rows
+        assert lost["promotion"]["challenger_metric"] <= lost["promotion"]["champion_metric"], lost["promotion"]
+    retrain = requests[-1]
     assert retrain["retrain_outcome"] == "promoted", f"{retrain['promotion']}\n{table}"
     gate = retrain["promotion"]
     # promoted because it is better on the post-drift labelled rows, and it is
@@ -83,11 +91,12 @@ def test_the_retrain_is_a_dagster_run_with_its_reason_tags(scenarios):
     import dagster as dg
 
     drift = scenarios["drift"]
-    retrain = next(d for d in drift["report"]["days"] if d["retrain_run_key"])
+    requests = [d for d in drift["report"]["days"] if d["retrain_run_key"]]
+    retrain = requests[-1]  # the promoted one (earlier attempts could not beat the champion)
     instance = dg.DagsterInstance.from_config(str(drift["data_dir"] / "dagster_home"))
     try:
-        runs = instance.get_runs(dg.RunsFilter(job_name="retrain"))
-        assert [r.run_id for r in runs] == [retrain["retrain_run_id"]]
+        runs = instance.get_runs(dg.RunsFilter(job_name="retrain"))  # newest first
+        assert [r.run_id for r in runs] == [d["retrain_run_id"] for d in reversed(requests)]
         tags = runs[0].tags
         assert tags["dagster/run_key"] == retrain["retrain_run_key"]
         assert tags["dagster/sensor_name"] == "retrain_sensor"
@@ -103,3 +112,21 @@ def test_the_retrain_is_a_dagster_run_with_its_reason_tags(scenarios):
         assert {r.tags.get("dagster/sensor_name") for r in monitoring} == {"monitor_after_scoring"}
     finally:
         instance.dispose()
+
+
+def test_one_retrain_episode_goal():
+    """The goal's rule on hand-made days: retries of a model that lost, then a promotion."""
+    from ml_platform.scenario.report import DayRecord, one_episode
+
+    def day(n, key, outcome):
+        return DayRecord(number=n, date=f"2026-11-{n:02d}", retrain_run_key=key, retrain_outcome=outcome)
+
+    lost, won = day(1, "retrain:2026-11-01:1", "not_promoted"), day(4, "retrain:2026-11-01:2", "promoted")
+    assert one_episode([won]) and one_episode([lost, won])
+    assert not one_episode([])  # no retrain at all
+    assert not one_episode([lost])  # never promoted
+    assert not one_episode([won, day(7, "retrain:2026-11-01:2", "promoted")])  # the champion changed twice
+    assert not one_episode([lost, day(4, "retrain:2026-11-03:1", "promoted")])  # two episodes
+    assert not one_episode([day(1, "retrain:2026-11-01:1", "failed"), won])  # a failure is not a lost comparison
+    retries = [day(i, f"retrain:2026-11-01:{i}", "not_promoted") for i in range(1, 4)]
+    assert not one_episode([*retries, day(9, "retrain:2026-11-01:4", "promoted")])  # beyond the policy's 2 retries
