@@ -173,7 +173,7 @@ def experiment_rewards(context: dg.AssetExecutionContext, feature_store: Feature
                        mlflow: MLflowRegistryResource) -> dg.MaterializeResult:  # fmt: skip
     from ml_platform.experiments.evidence import experiment_log
     from ml_platform.experiments.rewards import label_rewards
-    from ml_platform.serving.prediction_log import prediction_stream_key
+    from ml_platform.serving.prediction_log import LIVE, ROLE_COLUMN, prediction_stream_key
     from ml_platform.sources.labels import read_labels
 
     day = dt.date.fromisoformat(context.partition_key)
@@ -193,7 +193,7 @@ def experiment_rewards(context: dg.AssetExecutionContext, feature_store: Feature
         config = store.config(name)
         log = experiment_log(paths.predictions_log_dir, store.client, prediction_stream_key(feature_store.project),
                              name, started)  # fmt: skip
-        log = log[log["role"].fillna("live") == "live"]
+        log = log[log[ROLE_COLUMN].fillna(LIVE) == LIVE]
         result = label_rewards(log, today, earlier, config)
         count = store.apply_label_day(name, day.isoformat(), result.rewards)
         applied[name] = {"applied": count if count is not None else "already applied",

@@ -35,9 +35,9 @@ import pandas as pd
 
 from ml_platform.monitoring.performance import served_metrics
 from ml_platform.monitoring.results import json_safe
+from ml_platform.serving.prediction_log import LIVE, ROLE_COLUMN, SHADOW
 
 SHADOW_SUFFIX = ":shadow"
-_LIVE, _SHADOW = "live", "shadow"
 _FRAUD, _LEGIT = "fraud", "legit"
 _SIDE = ["model_version", "probability", "decision", "threshold", "latency_ms"]
 PAIR_COLUMNS = [
@@ -53,14 +53,14 @@ def shadow_prediction_id(live_prediction_id: str) -> str:
 
 
 def _roles(log: pd.DataFrame) -> pd.Series:
-    if "role" not in log.columns:
-        return pd.Series(_LIVE, index=log.index, dtype=object)
-    return log["role"].astype(object).where(log["role"].notna(), _LIVE)
+    if ROLE_COLUMN not in log.columns:
+        return pd.Series(LIVE, index=log.index, dtype=object)
+    return log[ROLE_COLUMN].astype(object).where(log[ROLE_COLUMN].notna(), LIVE)
 
 
 def _shadow_rows(log: pd.DataFrame, shadow_version: int | None) -> pd.DataFrame:
     """The shadow rows (of `shadow_version` when given), each prediction id once."""
-    keep = (_roles(log) == _SHADOW).to_numpy(dtype=bool)
+    keep = (_roles(log) == SHADOW).to_numpy(dtype=bool)
     if shadow_version is not None:
         keep = keep & log["model_version"].eq(shadow_version).fillna(False).to_numpy(dtype=bool)
     return log[keep].drop_duplicates("prediction_id", keep="first")
@@ -88,9 +88,9 @@ def pair_shadow(log: pd.DataFrame, *, shadow_version: int | None = None) -> pd.D
     """One row per live prediction with a shadow twin (optionally only twins of model version
     `shadow_version`), columns `PAIR_COLUMNS`, in the live rows' order. Shadow rows without a live
     twin are left out (`compare_shadow` counts them); a log without roles has no pair."""
-    if "role" not in log.columns or not len(log):
+    if ROLE_COLUMN not in log.columns or not len(log):
         return pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})
-    live = log[(_roles(log) == _LIVE).to_numpy(dtype=bool)].drop_duplicates("prediction_id", keep="first")
+    live = log[(_roles(log) == LIVE).to_numpy(dtype=bool)].drop_duplicates("prediction_id", keep="first")
     live_part = live[["transaction_id", "event_timestamp", "prediction_id", *_SIDE]].rename(
         columns={"prediction_id": "live_prediction_id", **{c: f"live_{c}" for c in _SIDE}}
     )
@@ -204,9 +204,9 @@ def compare_shadow(
     one among the pairs; the shadow version the most common paired one (else `shadow_version`)."""
     pairs = pair_shadow(log, shadow_version=shadow_version)
     unpaired = 0
-    if "role" in log.columns and len(log):
+    if ROLE_COLUMN in log.columns and len(log):
         shadow = _shadow_rows(log, shadow_version)
-        live_ids = log.loc[(_roles(log) == _LIVE).to_numpy(dtype=bool), "prediction_id"].astype(object)
+        live_ids = log.loc[(_roles(log) == LIVE).to_numpy(dtype=bool), "prediction_id"].astype(object)
         unpaired = int((~_live_ids(shadow["prediction_id"]).isin(live_ids)).sum())
     live_p = pd.to_numeric(pairs["live_probability"], errors="coerce").astype(float)
     shadow_p = pd.to_numeric(pairs["shadow_probability"], errors="coerce").astype(float)

@@ -6,7 +6,9 @@ Keys (all under `<project>:`; `<name>` the experiment):
   experiment:<name>              hash: config (JSON), status, started_at/by, stopped_at/by, why
   experiment:<name>:posterior    hash: <arm>:s, <arm>:f (successes, failures; discounted)
   experiment:<name>:counts       hash: <arm>:n rewards, <arm>:sum their total, <arm>:served decisions,
-                                 feedback:<outcome> counts (accepted, unknown, duplicate, invalid)
+                                 feedback:accepted, feedback:duplicate (feedback that names no
+                                 decision, unknown or invalid, names no experiment either: the
+                                 API counts it in ml_platform_feedback_total{outcome}; 0 here)
   experiment:<name>:sticky       hash: user_id -> "<arm>|<selection probability>" (sticky experiments)
   experiment:<name>:label-days   hash: label day -> rewards applied (label rewards, once per day)
   xd:<prediction_id>             hash: e (experiment), a (arm), p (selection probability), r (reward,
@@ -349,14 +351,6 @@ class ExperimentStore:
                 self._feedback(keys=[self.decision_key(pid)], args=[reward, self.prefix], client=pipe)
             results = pipe.execute()
         return [(_text(r[0]), _text(r[1])) for r in results]
-
-    async def count_rejected(self, counts: Mapping[str, Mapping[str, int]]) -> None:
-        """Count feedback refused before it reached a decision: {experiment: {outcome: n}}."""
-        async with self.async_client.pipeline(transaction=False) as pipe:
-            for name, outcomes in counts.items():
-                for outcome, n in outcomes.items():
-                    pipe.hincrby(self.key(name, "counts"), f"feedback:{outcome}", n)
-            await pipe.execute()
 
     # ---- label rewards (the experiment_rewards asset)
 

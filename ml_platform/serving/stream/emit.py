@@ -19,7 +19,7 @@ import orjson
 import redis
 
 from ml_platform.featurestore.streaming import EVENT_ID
-from ml_platform.serving.prediction_log import REFERENCE_SCORER
+from ml_platform.serving.prediction_log import LIVE, REFERENCE_SCORER
 from ml_platform.serving.scorer.columns import EVENT_US, model_input_columns
 from ml_platform.serving.scoring import LoadedModel
 from ml_platform.serving.stream.config import StreamConfig
@@ -125,7 +125,7 @@ def prediction_items(
     routed = None
     if experiment is not None:
         name, arm, chosen = experiment
-        head = f',"role":"live","experiment":{json_quote(name)},"arm":{json_quote(arm)},"selection_probability":'
+        head = f',"role":"{LIVE}","experiment":{json_quote(name)},"arm":{json_quote(arm)},"selection_probability":'
         routed = [head + repr(p) for p in np.asarray(chosen, dtype=float).tolist()]
     # The request's strings (category, country, device, channel) repeat: each field's values are
     # written once per batch, then looked up (their combinations hardly repeat).
