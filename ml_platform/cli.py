@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from ml_platform.dagster_home import prepare_dagster_home
+from ml_platform.redaction import redact_url
 from ml_platform.settings import (
     DEFAULT_HTTP_PORT,
     DEFAULT_STREAM_BATCH_SIZE,
@@ -109,8 +110,9 @@ def demo(days: int, n_users: int, n_merchants: int, txns_per_user_per_day: float
     click.echo(f"\nDone in {took:.0f} s. Where to look:")
     click.echo(f"  Dagster UI:   {ml_platform} ui   -> http://127.0.0.1:{DEFAULT_UI_PORT}")
     click.echo(f"  Dagster home: {settings.dagster_home}")
-    click.echo(f"  MLflow:       {settings.mlflow_tracking_uri}")
-    click.echo(f"                {venv_command('mlflow', 'mlflow')} ui --backend-store-uri {settings.mlflow_tracking_uri}")
+    click.echo(f"  MLflow:       {redact_url(settings.mlflow_tracking_uri)}")
+    if not settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+        click.echo(f"                {venv_command('mlflow', 'mlflow')} ui --backend-store-uri {redact_url(settings.mlflow_tracking_uri)}")
 
 
 def _run_scenario(settings: Settings, name: str, **plan_fields) -> None:
@@ -286,7 +288,7 @@ def _generated_events(n: int, day: dt.datetime | None, seed: int):
     return events
 
 
-@main.command(short_help="Run the monitoring assets for one day and print the dashboard.")
+@main.command(short_help="Monitor one day and print its dashboard.")
 @click.option("--date", "day", type=click.DateTime(formats=["%Y-%m-%d"]), required=True,
               help="The day (partition) to monitor, YYYY-MM-DD.")
 @click.option("--details", is_flag=True, help="Add each row's detail column.")
@@ -344,9 +346,12 @@ def ui(host: str, port: int) -> None:
 
 def _register_groups() -> None:
     from ml_platform.experiment_cli import experiment, rollout
+    from ml_platform.services_cli import mlflow_server, services
 
     main.add_command(experiment)
     main.add_command(rollout)
+    main.add_command(services)
+    main.add_command(mlflow_server)
 
 
 _register_groups()

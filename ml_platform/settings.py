@@ -9,6 +9,11 @@ DuckDB/Parquet files, the MLflow SQLite store, the embedded Redis and DAGSTER_HO
     ML_PLATFORM_MODEL_NAME, ML_PLATFORM_MODEL_TYPE, ML_PLATFORM_PROJECT, ML_PLATFORM_PROMOTION_MARGIN,
     ML_PLATFORM_STREAM_BATCH_SIZE, ML_PLATFORM_EVENTS_PATH
 
+and, for the production profile (ML_PLATFORM_PROFILE=production: every service a real server,
+nothing embedded; README "Production"): ML_PLATFORM_DAGSTER_POSTGRES_URL,
+ML_PLATFORM_MLFLOW_BACKEND_STORE_URI, ML_PLATFORM_MLFLOW_ARTIFACT_ROOT, ML_PLATFORM_API_TOKEN.
+Secrets (passwords in URLs, the API token) never appear in a repr: `repr(settings)` redacts them.
+
 The module-level constants below are the defaults every consumer (resources, CLI, generator,
 stream worker) derives from; nothing else writes these values down again.
 """
@@ -18,10 +23,12 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ml_platform.redaction import redact_url, url_secret
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +44,17 @@ DEFAULT_STREAM_GROUP = "scorers"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_UI_PORT = 3000
 PREDICTIONS_DB_NAME = "predictions.duckdb"  # batch predictions, under the data directory
+# An embedded Redis with no client for this long stops itself; the next use starts it again.
+DEFAULT_EMBEDDED_REDIS_IDLE_S = 1800.0
+# The variable dagster.yaml reads the instance's PostgreSQL URL from (`{env: ...}`): the password
+# stays in the environment, never in a file the platform writes.
+DAGSTER_POSTGRES_URL_ENV = "ML_PLATFORM_DAGSTER_POSTGRES_URL"
+# What the production profile needs set, and why (the error names the missing ones).
+PRODUCTION_REQUIRED = {
+    DAGSTER_POSTGRES_URL_ENV: "the Dagster instance's PostgreSQL (runs, event log, schedules)",
+    "MLFLOW_TRACKING_URI": "the MLflow tracking server, http(s)://host:port",
+    "REDIS_URL": "the online store's Redis, redis://user:password@host:port/db or rediss://",
+}
 
 
 class SyntheticDefaults:
@@ -55,7 +73,8 @@ class SyntheticDefaults:
 class Settings(BaseSettings):
     """Where the platform keeps things and which servers it talks to."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # hide_input_in_errors: a validation error must not print the environment (it holds secrets).
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
     data_dir: Path = Field(default=_REPO_ROOT / "data", validation_alias="ML_PLATFORM_DATA_DIR")
     dagster_home: Path | None = Field(default=None, validation_alias="DAGSTER_HOME")
@@ -82,8 +101,23 @@ class Settings(BaseSettings):
     # The API's Prometheus endpoint, read by serving_health for the error rate (unset: the log alone).
     api_metrics_url: str | None = Field(default=None, validation_alias="ML_PLATFORM_API_METRICS_URL")
 
+    # --- The production profile (README, "Production") ---
+    profile: Literal["embedded", "production"] = Field(default="embedded", validation_alias="ML_PLATFORM_PROFILE")
+    # postgresql://user:password@host:port/db of the Dagster instance (written into dagster.yaml
+    # as a reference to this variable, not as its value).
+    dagster_postgres_url: str | None = Field(default=None, validation_alias=DAGSTER_POSTGRES_URL_ENV)
+    # What `ml-platform mlflow-server` serves: its backend store (postgresql://...) and where it
+    # keeps artifacts (a directory, s3://..., gs://...); clients reach both through the server.
+    mlflow_backend_store_uri: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_BACKEND_STORE_URI")
+    mlflow_artifact_root: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_ARTIFACT_ROOT")
+    # The embedded Redis stops itself after this long with no client (0: never); it starts again on use.
+    embedded_redis_idle_s: float = Field(default=DEFAULT_EMBEDDED_REDIS_IDLE_S, ge=0, validation_alias="ML_PLATFORM_EMBEDDED_REDIS_IDLE_S")
+    # The HTTP API's bearer token: once set, every mutating endpoint requires it.
+    api_token: SecretStr | None = Field(default=None, validation_alias="ML_PLATFORM_API_TOKEN")
+
     @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", "labels_path",
-                     "monitoring_config", "cost_config", "api_metrics_url", mode="before")
+                     "monitoring_config", "cost_config", "api_metrics_url", "dagster_postgres_url",
+                     "mlflow_backend_store_uri", "mlflow_artifact_root", "api_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -94,9 +128,47 @@ class Settings(BaseSettings):
         object.__setattr__(self, "data_dir", data_dir)
         home = Path(self.dagster_home or data_dir / "dagster_home").expanduser().resolve()
         object.__setattr__(self, "dagster_home", home)
+        if self.profile == "production":
+            self._check_production()
+        if self.dagster_postgres_url and not self.dagster_postgres_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"{DAGSTER_POSTGRES_URL_ENV} must be a postgresql:// URL, got {redact_url(self.dagster_postgres_url)!r}"
+            )
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}")
         return self
+
+    def _check_production(self) -> None:
+        """The production profile embeds nothing: name every missing server, and refuse a tracking
+        URI that is not a tracking server (a file or SQLite store would be one machine's)."""
+        given = {
+            DAGSTER_POSTGRES_URL_ENV: self.dagster_postgres_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "REDIS_URL": self.redis_url,
+        }
+        missing = [f"{name} ({why})" for name, why in PRODUCTION_REQUIRED.items() if not given[name]]
+        if missing:
+            raise ValueError("ML_PLATFORM_PROFILE=production needs " + "; ".join(missing))
+        if not self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            raise ValueError(
+                "ML_PLATFORM_PROFILE=production talks to an MLflow tracking server: MLFLOW_TRACKING_URI must be "
+                f"http(s)://host:port, got {redact_url(self.mlflow_tracking_uri)!r} (start one with `ml-platform mlflow-server`)"
+            )
+
+    def __repr_args__(self):
+        """Like pydantic's, with every URL's password hidden (the token is a SecretStr already)."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) and "://" in value else value
+
+    @property
+    def api_token_value(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+    def secrets(self) -> list[str]:
+        """Every secret these settings hold (URL passwords, the API token): what must never be logged."""
+        found = [url_secret(u) for u in (self.redis_url, self.mlflow_tracking_uri, self.dagster_postgres_url,
+                                         self.mlflow_backend_store_uri)]
+        return [s for s in [*found, self.api_token_value] if s]
 
     @classmethod
     def settings_customise_sources(

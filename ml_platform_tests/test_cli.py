@@ -19,7 +19,8 @@ except ImportError:  # ml_platform_tests imported as a package
     from ml_platform_tests.fixtures_platform import TEST_REDIS_URL, delete_project_keys
 
 CLI = Path(sys.executable).parent / "ml-platform"  # the venv's console script
-COMMANDS = {"demo", "experiment", "monitor", "publish", "rollback", "rollout", "serve", "stream", "ui"}
+COMMANDS = {"demo", "experiment", "mlflow-server", "monitor", "publish", "rollback", "rollout", "serve", "services",
+            "stream", "ui"}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -23,6 +23,7 @@ import dagster as dg
 from ml_platform import features as fr
 from ml_platform.defs.resources import EventSourceResource, FeatureStoreResource, MLflowRegistryResource
 from ml_platform.defs.source_assets import source_asset, view_assets
+from ml_platform.redaction import redact_url
 
 PARTITIONS_START = "2025-01-01"
 daily_partitions = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, end_offset=0)
@@ -325,7 +326,7 @@ def registration_metadata(out) -> dict:
         "promotion_metric": out.decision.get("metric"),
         "challenger_metric": out.decision.get("challenger_metric"),
         "champion_metric": out.decision.get("champion_metric"),
-        "tracking_uri": out.tracking_uri,
+        "tracking_uri": redact_url(out.tracking_uri),
     }
 
 

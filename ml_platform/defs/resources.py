@@ -7,11 +7,13 @@ Every default comes from `ml_platform.settings` (the platform-wide DEFAULT_* con
 """
 
 import datetime as dt
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
 
+from ml_platform.redaction import has_secret, redact_url
 from ml_platform.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PROJECT,
@@ -163,6 +165,20 @@ class MonitoringResource(dg.ConfigurableResource):
         return feature_store.paths.reports_dir
 
 
+def secret_reference(value: str | None, env_name: str):
+    """`value` as resource config Dagster may store: a URL with a password becomes a reference to
+    the environment variable it came from (`dg.EnvVar`: the run's snapshot in the instance's
+    database keeps the name, the step reads the value), any other value stays as it is."""
+    if not has_secret(value):
+        return value
+    if os.environ.get(env_name) == value:
+        return dg.EnvVar(env_name)
+    raise ValueError(
+        f"{redact_url(value)!r} carries a password but is not the value of {env_name}: set it in the "
+        f"environment as {env_name}, so that Dagster records the variable's name and not the secret"
+    )
+
+
 def default_resources(settings: Settings | None = None, **source_overrides) -> dict:
     """Resources built from settings (env vars with embedded defaults)."""
     settings = settings or load_settings()
@@ -175,10 +191,12 @@ def default_resources(settings: Settings | None = None, **source_overrides) -> d
         raise ValueError(f"event_source kind must be one of {EVENT_SOURCE_KINDS}, got {kind!r}")
     return {
         "feature_store": FeatureStoreResource(
-            repo_path=str(settings.data_dir), redis_url=settings.redis_url, project=settings.project
+            repo_path=str(settings.data_dir),
+            redis_url=secret_reference(settings.redis_url, "REDIS_URL"),
+            project=settings.project,
         ),
         "mlflow": MLflowRegistryResource(
-            tracking_uri=settings.mlflow_tracking_uri,
+            tracking_uri=secret_reference(settings.mlflow_tracking_uri, "MLFLOW_TRACKING_URI"),
             model_name=settings.model_name,
             promotion_metric=settings.promotion_metric,
             promotion_margin=settings.promotion_margin,

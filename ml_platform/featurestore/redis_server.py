@@ -18,13 +18,17 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psutil
 import redis
+
+from ml_platform.redaction import redact_url  # noqa: F401  (re-exported: the one redaction rule)
+from ml_platform.settings import DEFAULT_EMBEDDED_REDIS_IDLE_S
 
 # Connection settings for every client the platform makes: bytes in and out (the online store
 # stores binary values), bounded waits so a dead server fails fast, periodic health checks so an
@@ -54,32 +58,6 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
             f"REDIS_URL {redact_url(url)!r} is not a valid Redis URL ({exc}); use redis://[:password@]host:port/db, "
             f"rediss:// for TLS or unix:///path/to/socket"
         ) from exc
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password hidden, for messages and logs: scheme://user:***@host:port/db
-    (user shown only when a password follows it), and a `password=` query value as ***."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        host = netloc.rpartition("@")[2]  # what urllib itself takes as the host: after the last '@'
-        user = parts.username if parts.password is not None else ""
-        netloc = f"{user}:***@{host}"
-    elif "@" in url.partition("://")[2]:
-        # An unencoded '/', '?' or '#' in the password ends urllib's netloc early: hide all of
-        # what precedes the last '@' rather than print part of the password.
-        return f"{parts.scheme}://:***@{url.rpartition('@')[2]}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k == "password" for k, _ in pairs):
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-    # Not urlunsplit: it drops the empty netloc of unix:///path URLs.
-    return (
-        f"{parts.scheme}://{netloc}{parts.path}"
-        + (f"?{query}" if query else "")
-        + (f"#{parts.fragment}" if parts.fragment else "")
-    )
 
 
 def redis_executable() -> Path:
@@ -120,10 +98,14 @@ def pid_alive(pid: int) -> bool:
 
 
 class EmbeddedRedis:
-    """The bundled redis-server as a daemon under <data_dir>/redis, reused while it is alive."""
+    """The bundled redis-server as a daemon under <data_dir>/redis, reused while it is alive.
 
-    def __init__(self, data_dir: str | Path):
+    A watchdog process (`redis_watchdog`) stops it once the data directory is gone or after
+    `idle_s` seconds with no client (None: DEFAULT_EMBEDDED_REDIS_IDLE_S; 0: never idle)."""
+
+    def __init__(self, data_dir: str | Path, idle_s: float | None = None):
         self.dir = Path(data_dir).expanduser().resolve() / "redis"
+        self.idle_s = DEFAULT_EMBEDDED_REDIS_IDLE_S if idle_s is None else float(idle_s)
 
     @property
     def state_path(self) -> Path:
@@ -226,6 +208,7 @@ class EmbeddedRedis:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.running_url():
+                self._start_watchdog()
                 return url
             time.sleep(0.05)
         log = self.dir / "redis.log"
@@ -234,28 +217,89 @@ class EmbeddedRedis:
             f"embedded redis-server did not answer within {START_TIMEOUT_S:.0f} s; log:\n{tail}"
         )
 
+    def _start_watchdog(self) -> None:
+        """The process that stops this server once its directory is gone or it has been idle."""
+        pid = self._pid()
+        if not pid:
+            return
+        log = open(self.dir / "watchdog.log", "a")  # noqa: SIM115 - handed to the child
+        with log:
+            watchdog = subprocess.Popen(
+                [sys.executable, "-m", "ml_platform.featurestore.redis_watchdog", str(self.dir), str(pid),
+                 f"{self.idle_s:g}"],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, cwd="/", text=True,
+            )
+        # The URL (it holds the password) on stdin, not in argv where `ps` shows it; given now, so
+        # the watchdog knows it even if the directory is deleted before it has started.
+        watchdog.stdin.write(self._state()["url"] + "\n")
+        watchdog.stdin.close()
+
     def stop(self, *, save: bool = False, timeout: float = 10.0) -> bool:
         """Shut the server down (no snapshot unless `save`); True if one was running."""
         pid = self._pid()
         if not pid or not pid_alive(pid):
             self.pid_path.unlink(missing_ok=True)
             return False
-        state = self._state()
-        if state:
-            with contextlib.suppress(redis.RedisError):
-                client = client_from_url(state["url"], socket_timeout=2.0, health_check_interval=0)
-                client.shutdown(save=save, nosave=not save)
-        deadline = time.monotonic() + timeout
-        sig = signal.SIGTERM
-        while pid_alive(pid):
-            if time.monotonic() > deadline:
-                if sig == signal.SIGKILL:
-                    raise RuntimeError(f"embedded redis-server (pid {pid}) did not stop")
-                os.kill(pid, sig)
-                sig, deadline = signal.SIGKILL, time.monotonic() + timeout
-            time.sleep(0.05)
+        stop_process(pid, save=save, timeout=timeout)
         self.pid_path.unlink(missing_ok=True)
         return True
+
+
+def stop_process(pid: int, *, save: bool = False, timeout: float = 10.0, url: str | None = None) -> None:
+    """Stop an embedded redis-server by pid: SHUTDOWN over its URL (`url`, else read from the state
+    file in its working directory, which is its data directory) when it answers, else SIGTERM,
+    then SIGKILL."""
+    with contextlib.suppress(psutil.Error, OSError, ValueError, KeyError, redis.RedisError):
+        if url is None:
+            url = json.loads((Path(psutil.Process(pid).cwd()) / STATE_FILE).read_text())["url"]
+        client = client_from_url(url, socket_timeout=2.0, health_check_interval=0)
+        client.shutdown(save=save, nosave=not save)
+    deadline = time.monotonic() + timeout
+    sig = signal.SIGTERM
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                raise RuntimeError(f"embedded redis-server (pid {pid}) did not stop")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            sig, deadline = signal.SIGKILL, time.monotonic() + timeout
+        time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    pid: int
+    dir: Path  # <data_dir>/redis
+    dir_exists: bool
+    port: int | None
+    clients: int | None  # None: its state file is gone, so it cannot be asked
+    rss_mb: float
+    age_s: float
+
+
+def embedded_servers() -> list[EmbeddedServer]:
+    """Every embedded redis-server running on this machine (the bundled binary), whichever data
+    directory it belongs to: its working directory is its <data_dir>/redis (the config's `dir`;
+    Redis rewrites its command line to `binary host:port`)."""
+    binary = str(redis_executable())
+    found = []
+    for proc in psutil.process_iter(["pid", "exe", "cwd", "create_time", "memory_info"]):
+        info = proc.info
+        if info.get("exe") != binary or not info.get("cwd"):
+            continue
+        redis_dir = Path(info["cwd"].removesuffix(" (deleted)"))
+        port = clients = None
+        with contextlib.suppress(OSError, ValueError, KeyError, redis.RedisError):
+            state = json.loads((redis_dir / STATE_FILE).read_text())
+            port = int(state["port"])
+            client = client_from_url(state["url"], socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=0)
+            clients = int(client.info("clients")["connected_clients"]) - 1
+            client.close()
+        rss = info["memory_info"].rss / 2**20 if info.get("memory_info") else 0.0
+        found.append(EmbeddedServer(info["pid"], redis_dir, redis_dir.exists(), port, clients, rss,
+                                    time.time() - (info.get("create_time") or time.time())))
+    return sorted(found, key=lambda s: s.age_s)
 
 
 def resolve_redis_url(
@@ -272,7 +316,8 @@ def resolve_redis_url(
         settings = load_settings()
     if getattr(settings, "redis_url", None):
         return settings.redis_url
-    return EmbeddedRedis(data_dir if data_dir is not None else settings.data_dir).start()
+    idle_s = getattr(settings, "embedded_redis_idle_s", None)
+    return EmbeddedRedis(data_dir if data_dir is not None else settings.data_dir, idle_s=idle_s).start()
 
 
 def redis_client(settings: Any, **overrides: Any) -> redis.Redis:

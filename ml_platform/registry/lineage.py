@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ml_platform.redaction import redact_url
+
 MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
 _REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -90,4 +92,4 @@ def ui_url(tracking_uri: str, path: str) -> str | None:
     its UI at the same address); None for a local store (file, SQLite, database): no UI to link."""
     if urlsplit(tracking_uri).scheme not in ("http", "https"):
         return None
-    return f"{tracking_uri.rstrip('/')}/{path}"
+    return f"{redact_url(tracking_uri).rstrip('/')}/{path}"

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from ml_platform.redaction import redact_url
 from ml_platform.registry import lineage
 from ml_platform.registry._mlflow import MlflowClient, MlflowException, fluent, infer_signature, mlflow
 from ml_platform.registry.audit import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, AliasAuditTrail
@@ -66,7 +67,7 @@ class ModelRegistry:
         if tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
             # Without a server, MLflow would put artifacts in ./mlruns of whatever the cwd is.
             raise ValueError(
-                f"Tracking URI {tracking_uri!r} is a database: pass artifact_root (a directory or "
+                f"Tracking URI {redact_url(tracking_uri)!r} is a database: pass artifact_root (a directory or "
                 "object-store URI) so artifacts do not land in the current directory"
             )
         return None  # an MLflow tracking server decides
