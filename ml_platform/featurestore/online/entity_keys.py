@@ -1,10 +1,14 @@
 """Entity keys: the hash field of an entity is its join key values packed in the view's join-key
 order (Int64/Int32 keys as 8-byte big-endian signed integers, String keys as a 2-byte length +
 UTF-8), so one HMGET reads many entities. Integer keys are packed with one struct/numpy call for a
-whole batch; the per-row path exists to name the offending row and key."""
+whole batch; the per-row path exists to name the offending row and key.
+
+On Redis Cluster an entity's bucket (`entity_buckets`) is a hash of its field: the one rule that
+decides which slot holds an entity, for reads and writes alike (cluster_layout.py names the keys)."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -100,12 +104,61 @@ def framed_entity_fields(join_keys: JoinKeys, rows: Sequence[Mapping[str, Any]])
     """The entity fields of `rows`, already framed as RESP bulk strings (the hot path of a read)."""
     packed = _packed_int_keys(join_keys, rows)
     if packed is not None:
-        width = 8 * len(join_keys)
-        framed = np.empty(
-            len(rows), np.dtype([("h", "S4" if width < 10 else "S5"), ("k", f"V{width}"), ("c", "S2")])
-        )
-        framed["h"] = b"$%d\r\n" % width
-        framed["k"] = np.frombuffer(packed, f"V{width}")
-        framed["c"] = b"\r\n"
-        return framed.tobytes()
+        return frame_fields(np.frombuffer(packed, f"V{8 * len(join_keys)}"))
     return b"".join([bulk(entity_field(join_keys, row, i)) for i, row in enumerate(rows)])
+
+
+def frame_fields(fields: np.ndarray | list[bytes]) -> bytes:
+    """Entity fields framed as RESP bulk strings: a fixed-width array in one numpy pass."""
+    if not isinstance(fields, np.ndarray):
+        return b"".join([bulk(f) for f in fields])
+    width = fields.dtype.itemsize
+    framed = np.empty(
+        len(fields), np.dtype([("h", "S4" if width < 10 else "S5"), ("k", f"V{width}"), ("c", "S2")])
+    )
+    framed["h"] = b"$%d\r\n" % width
+    framed["k"] = fields
+    framed["c"] = b"\r\n"
+    return framed.tobytes()
+
+
+# The bucket hash: the field's bytes as big-endian 64-bit words (the last one zero-padded), each
+# mixed in with a multiply and xor-shift (splitmix64's constants). Not Python's hash(): every
+# process and every language must agree on it.
+_SEED, _MUL, _MASK = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, (1 << 64) - 1
+
+
+def entity_bucket(field: bytes, buckets: int) -> int:
+    """The bucket of one entity field (same result as `entity_buckets`)."""
+    h = _SEED
+    padded = field + b"\0" * (-len(field) % 8)
+    for i in range(0, len(padded), 8):
+        h = ((h ^ int.from_bytes(padded[i : i + 8], "big")) * _MUL) & _MASK
+        h ^= h >> 31
+    return (h >> 33) % buckets
+
+
+def entity_buckets(fields: np.ndarray | list[bytes], buckets: int) -> np.ndarray:
+    """The bucket (0 <= b < `buckets`) of every entity field, vectorised for fixed-width fields."""
+    if not isinstance(fields, np.ndarray):
+        return np.array([entity_bucket(f, buckets) for f in fields], dtype=np.int64)
+    n, width = len(fields), fields.dtype.itemsize
+    if width % 8:
+        return np.array([entity_bucket(bytes(f), buckets) for f in fields], dtype=np.int64)
+    words = np.ascontiguousarray(fields).view(">u8").reshape(n, width // 8).astype(np.uint64)
+    h = np.full(n, _SEED, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(width // 8):
+            h = (h ^ words[:, j]) * np.uint64(_MUL)
+            h ^= h >> np.uint64(31)
+    return ((h >> np.uint64(33)) % np.uint64(buckets)).astype(np.int64)
+
+
+def bucket_groups(buckets: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(bucket, positions) for every bucket present in `buckets` (positions in input order)."""
+    if len(buckets) == 1:
+        return [(int(buckets[0]), np.zeros(1, np.int64))]
+    order = np.argsort(buckets, kind="stable")
+    ordered = buckets[order]
+    cuts = [0, *(np.flatnonzero(np.diff(ordered)) + 1).tolist(), len(order)]
+    return [(int(ordered[a]), order[a:b]) for a, b in itertools.pairwise(cuts) if a < b]

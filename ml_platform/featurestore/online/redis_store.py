@@ -42,6 +42,15 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
     reads served meanwhile (see docs/online_store.md).
     """
 
+    def __new__(cls, redis_client_or_url: Any = None, *args: Any, **kwargs: Any):
+        # A RedisCluster client (or a redis+cluster:// URL) gets the cluster store, so callers
+        # that build a client from configuration need not know which one they have.
+        if cls is RedisOnlineStore and _is_cluster(redis_client_or_url):
+            from ml_platform.featurestore.online.cluster_store import RedisClusterOnlineStore
+
+            return super().__new__(RedisClusterOnlineStore)
+        return super().__new__(cls)
+
     def __init__(
         self,
         redis_client_or_url: redis.Redis | str,
@@ -54,7 +63,10 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
         async_client: Any = None,
     ):
         if isinstance(redis_client_or_url, str):
-            from ml_platform.featurestore.redis_server import client_from_url
+            if _is_cluster(redis_client_or_url):
+                from ml_platform.featurestore.redis_cluster import cluster_client_from_url as client_from_url
+            else:
+                from ml_platform.featurestore.redis_server import client_from_url
 
             redis_client_or_url = client_from_url(redis_client_or_url)
         if not project or any(c in project for c in "*?[]\\ :"):
@@ -71,7 +83,7 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
         self.views: Mapping[str, FeatureView] = (
             views if isinstance(views, Mapping) else {v.name: v for v in (views or ())}
         )
-        self._channel = RespChannel(self.client)
+        self._channel = self._make_channel()
         self._codecs: dict[
             tuple[str, str], ValueCodec
         ] = {}  # (view, version) -> codec; versions are immutable
@@ -80,6 +92,9 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
         self._schema_codecs: dict[ViewSchema, ValueCodec] = {}
         self._parsed_refs: dict[tuple[str, ...], list[tuple[str, list[str]]]] = {}
         self._versions: dict[str, bytes] = {}  # view -> version last read (checked inside every read)
+
+    def _make_channel(self) -> Any:
+        return RespChannel(self.client)
 
     # ---- keys
 
@@ -91,6 +106,14 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
 
     def overlay_key(self, view: str, version: int | str) -> str:
         return f"{self.namespace}overlay:{view}:{version}"
+
+    def _version_keys(self, view: str, version: int | str) -> list[str]:
+        """Every data key of one version (one here; one per bucket on a cluster)."""
+        return [self.data_key(view, version)]
+
+    def _count_rows(self, view: str, version: int | str) -> int:
+        """Entities stored in one version."""
+        return int(self.client.hlen(self.data_key(view, version)))
 
     # ---- schema lookups
 
@@ -166,10 +189,10 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
                 field = to_text(field)
                 if field.startswith("retired:") and float(deadline) <= now:
                     version = field.split(":", 1)[1]
-                    key = self.data_key(name, version)
-                    self.client.unlink(key)
+                    keys = self._version_keys(name, version)
+                    self.client.unlink(*keys)
                     self.client.hdel(meta, field, f"schema:{version}")
-                    deleted.append(key)
+                    deleted += keys
         return deleted
 
     def materialized_views(self) -> list[str]:
@@ -212,6 +235,16 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _is_cluster(client_or_url: Any) -> bool:
+    if isinstance(client_or_url, str):
+        from ml_platform.featurestore.redis_cluster import is_cluster_url
+
+        return is_cluster_url(client_or_url)
+    from redis.cluster import RedisCluster
+
+    return isinstance(client_or_url, RedisCluster)
 
 
 def unlink_matching(client: redis.Redis, pattern: str, batch_size: int = 500) -> int:

@@ -24,3 +24,9 @@ BEGIN = LuaScript(_source("begin"))  # allocate + mark a full build
 MERGE_PHASE = LuaScript(_source("merge_phase"))  # bulk load done: updates go straight to the new version
 FLIP = LuaScript(_source("flip"))  # the atomic version pointer flip
 ABORT = LuaScript(_source("abort"))  # a failed build removes its partial version
+
+# Redis Cluster (cluster_writes.py): a full build runs per bucket, the flip is global then per bucket.
+BUCKET_BEGIN = LuaScript(_source("bucket_begin"))  # mark the build in one bucket
+BUCKET_PREPARE = LuaScript(_source("bucket_prepare"))  # the bucket's part is complete: readable as `next`
+BUCKET_COMMIT = LuaScript(_source("bucket_commit"))  # the bucket follows the global flip
+CLUSTER_FLIP = LuaScript(_source("cluster_flip"))  # the global flip in the view's meta hash

@@ -42,7 +42,7 @@ class ReadPlan:
     keys: list[str]  # output join-key columns in order
     n: int
     meta_keys: list[bytes]
-    framed: list[bytes]  # per view: its entity fields, framed as RESP bulk strings
+    framed: list  # per view: its entity fields, framed as RESP bulk strings (per bucket on a cluster)
 
 
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
@@ -116,7 +116,7 @@ class SnapshotReads:
             jk = schema.join_keys
             framed = fields_cache.get(jk)
             if framed is None:
-                framed = fields_cache[jk] = framed_entity_fields(jk, entity_rows)
+                framed = fields_cache[jk] = self._read_fields(jk, entity_rows)
             framed_per_view.append(framed)
             views.append(view)
             wanted.append(feats)
@@ -124,6 +124,10 @@ class SnapshotReads:
             keys += [k for k, _ in jk if k not in keys]
         meta_keys = [self.meta_key(v).encode() for v in views]
         return ReadPlan(views, wanted, schemas, keys, len(entity_rows), meta_keys, framed_per_view)
+
+    def _read_fields(self, join_keys, entity_rows: Sequence[Mapping[str, Any]]) -> Any:
+        """What a read sends for the entities of one join-key set (here: the framed fields)."""
+        return framed_entity_fields(join_keys, entity_rows)
 
     def read(
         self,

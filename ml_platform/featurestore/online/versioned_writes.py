@@ -49,6 +49,7 @@ class VersionedWrites:
         def _codec_for(self, schema: ViewSchema) -> ValueCodec: ...
         def _not_materialized(self, view: str) -> OnlineStoreError: ...
         def _retire(self, view: str, version: str, key: str) -> None: ...
+        def _count_rows(self, view: str, version: int | str) -> int: ...
         def reap_retired(self, view: str | None = None, *, now: float | None = None) -> list[str]: ...
 
     def _view_for_write(self, view: FeatureView | str) -> FeatureView:
@@ -107,7 +108,7 @@ class VersionedWrites:
                 and datetime.fromisoformat(record["as_of"]) < datetime.fromisoformat(to_text(previous))
             ):
                 record.pop("as_of")  # never move the recorded as_of backwards
-            record["rows"] = self.client.hlen(self.data_key(fv.name, version))
+            record["rows"] = self._count_rows(fv.name, version)
             self.client.hset(meta, mapping=record)
         else:
             rows, version = self._full_build(
@@ -195,15 +196,22 @@ class VersionedWrites:
                     self._channel, scripts.ABORT.frame([meta], [v, data_key.encode(), overlay.encode()])
                 )
             if isinstance(exc, redis.ResponseError) and "SUPERSEDED" in str(exc):
-                raise OnlineStoreError(
-                    f"feature view {view!r}: another full materialization started while this one (version "
-                    f"{version}) was running; this run was discarded and the other one's version is kept"
-                ) from exc
+                raise self._superseded(view, version, exc) from exc
             raise
         self._codecs[(view, str(version))] = codec
         if old_key:
             self._retire(view, to_text(old_version), to_text(old_key))
         return rows, version
+
+    def _superseded(self, view: str, version: int, exc: Exception) -> OnlineStoreError:
+        return OnlineStoreError(
+            f"feature view {view!r}: another full materialization started while this one (version "
+            f"{version}) was running; this run was discarded and the other one's version is kept"
+        )
+
+    def _run_script(self, script, key: str, payload: bytes) -> Any:
+        """Run a framed script whose keys share `key`'s slot (one server here)."""
+        return script.run(self._channel, payload)
 
     def _merge_overlay(self, overlay: str, data_key: str) -> None:
         cursor = 0
@@ -211,8 +219,8 @@ class VersionedWrites:
             cursor, pairs = self.client.hscan(overlay, cursor, count=self.batch_size)
             if pairs:
                 fields, values = list(pairs.keys()), list(pairs.values())
-                scripts.MERGE.run(
-                    self._channel, scripts.MERGE.frame([data_key.encode()], pairs=(fields, values))
+                self._run_script(
+                    scripts.MERGE, data_key, scripts.MERGE.frame([data_key.encode()], pairs=(fields, values))
                 )
             if cursor == 0:
                 break
@@ -283,18 +291,23 @@ class VersionedWrites:
                 raise ValueError(f"update of feature view {name!r}: {exc}") from exc
         if n == 0:
             return {"rows": 0, "written": 0}
-        meta = self.meta_key(name).encode()
+        try:
+            written = self._upsert(name, codec, fields, values)
+        except redis.ResponseError as exc:
+            raise self._upsert_error(name, exc) from exc
+        return {"rows": n, "written": written}
+
+    def _upsert(self, view: str, codec: ValueCodec, fields, values) -> int:
+        """Newer-wins upsert of (fields, values), `batch_size` entities per atomic script."""
+        meta = self.meta_key(view).encode()
         written = 0
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
+        for start in range(0, len(fields), self.batch_size):
+            stop = min(start + self.batch_size, len(fields))
             payload = scripts.UPSERT.frame(
                 [meta], [codec.fingerprint.encode()], pairs=(fields[start:stop], values[start:stop])
             )
-            try:
-                written += int(scripts.UPSERT.run(self._channel, payload))
-            except redis.ResponseError as exc:
-                raise self._upsert_error(name, exc) from exc
-        return {"rows": n, "written": written}
+            written += int(scripts.UPSERT.run(self._channel, payload))
+        return written
 
 
 def record_batches(data: Any, chunk_rows: int) -> Iterator[pa.RecordBatch]:
