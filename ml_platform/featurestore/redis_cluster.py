@@ -63,6 +63,23 @@ def cluster_client_from_url(url: str, **overrides: Any) -> RedisCluster:
         ) from exc
 
 
+def async_cluster_client_from_url(url: str, **overrides: Any):
+    """The same, as a redis.asyncio.cluster.RedisCluster (for the HTTP API's `read_async`)."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    scheme, sep, rest = url.partition("://")
+    if is_cluster_url(url):
+        url = scheme.lower().split("+", 1)[0] + sep + rest
+    options = {**CLIENT_OPTIONS, **overrides}
+    options.pop(
+        "health_check_interval", None
+    )  # redis-py 8.1: makes the asyncio cluster client raise TypeError
+    try:
+        return AsyncRedisCluster.from_url(url, **options)
+    except (ValueError, redis.RedisError) as exc:
+        raise ValueError(f"cannot open a Redis Cluster client for {redact_url(url)!r} ({exc})") from exc
+
+
 def cluster_executable() -> Path:
     """The system redis-server (REDIS_SERVER, else the PATH); Redis Cluster needs >= 7.0 here
     (CLUSTER ADDSLOTSRANGE)."""

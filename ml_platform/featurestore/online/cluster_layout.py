@@ -29,7 +29,7 @@ from functools import lru_cache
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-BUCKETS = 32
+BUCKETS = 16
 
 
 @lru_cache(maxsize=8)

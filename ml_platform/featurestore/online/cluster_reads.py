@@ -3,15 +3,15 @@
 The entities of a request are grouped by bucket (`entity_keys.entity_buckets`); each bucket gets
 one MULTI/EXEC holding, per view with entities there, `HMGET <bucket ptr> version next` and
 `HMGET <bucket data key of the expected version> <fields>`. All buckets of one master go in one
-write on one connection, all masters are sent to before any reply is read: one round trip in
-parallel over the masters.
+write on one connection, all masters are sent to before any reply is read: one round trip, the
+masters in parallel. (A Lua script per bucket is as atomic and answers with one reply instead of
+one per command, but cost more here: 2.1 ms against 1.6 ms p50 on the wire for the fraud model's
+100 entities over 32 buckets, 0.31 against 0.23 ms for one entity.)
 
-A bucket accepts the expected version v of a view if v is its `version` or its `next` (a version
-whose part in this bucket is complete and kept up to date, flipped or about to be). A read
-returns only if every bucket accepted the expected version of every view, so all the entities
-of a view come from one version; otherwise it is redone with the highest `version` a bucket
-reported (at most READ_ATTEMPTS times). Why that gives one snapshot: docs/online_store.md,
-"Redis Cluster".
+A read returns only if every bucket accepted the expected version of every view, so all the
+entities of a view come from one version; otherwise it is redone with the highest `version` a
+bucket reported (at most READ_ATTEMPTS times). Why that gives one snapshot across views too:
+docs/online_store.md, "Redis Cluster".
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from ml_platform.featurestore.online.cluster_layout import ClusterKeys
 from ml_platform.featurestore.online.cluster_resp import ClusterChannel, async_transactions
 from ml_platform.featurestore.online.entity_keys import (
     bucket_groups,
+    entity_bucket,
     entity_buckets,
     entity_fields_from_rows,
-    frame_fields,
+    framed_field_array,
 )
 from ml_platform.featurestore.online.protocol import FeatureRequest, OnlineStoreError
 from ml_platform.featurestore.online.resp import bulk
@@ -38,7 +39,9 @@ from ml_platform.featurestore.online.snapshot_reads import READ_ATTEMPTS, ReadPl
 
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+_PTR_HEAD = b"*4\r\n$5\r\nHMGET\r\n"
 _VERSION_NEXT = bulk(b"version") + bulk(b"next")
+_KEY_CACHE_SIZE = 50_000
 
 
 @dataclass
@@ -53,12 +56,16 @@ class BucketedFields:
 
 def bucketed_fields(join_keys, rows: Sequence[Mapping[str, Any]], n_buckets: int) -> BucketedFields:
     fields = entity_fields_from_rows(join_keys, rows)
+    if len(rows) == 1:  # the common serving case: no numpy round trip for one entity
+        field = bytes(fields[0])
+        return BucketedFields([entity_bucket(field, n_buckets)], [[0]], [bulk(field)])
+    framed = framed_field_array(fields) if isinstance(fields, np.ndarray) else None
     out = BucketedFields([], [], [])
     for bucket, idx in bucket_groups(entity_buckets(fields, n_buckets)):
         out.buckets.append(bucket)
         out.positions.append(idx.tolist())
         out.framed.append(
-            frame_fields(fields[idx] if isinstance(fields, np.ndarray) else [fields[i] for i in idx])
+            framed[idx].tobytes() if framed is not None else b"".join([bulk(fields[i]) for i in idx])
         )
     return out
 
@@ -71,6 +78,7 @@ class ClusterReads:
     async_client: Any
     _channel: ClusterChannel
     _versions: dict[str, bytes]
+    _bucket_keys_cache: dict[tuple[int, str, bytes], bytes]
 
     if TYPE_CHECKING:  # provided by RedisOnlineStore / SnapshotReads
 
@@ -84,24 +92,36 @@ class ClusterReads:
     def _read_fields(self, join_keys, entity_rows: Sequence[Mapping[str, Any]]) -> BucketedFields:
         return bucketed_fields(join_keys, entity_rows, self.keys.buckets)
 
+    def _read_keys(self, bucket: int, view: str, version: bytes) -> tuple[bytes, bytes]:
+        """The framed `HMGET ptr version next` and data key of a view's bucket at `version` (cached)."""
+        cache = self._bucket_keys_cache
+        framed = cache.get((bucket, view, version))
+        if framed is None:
+            if len(cache) > _KEY_CACHE_SIZE:
+                cache.clear()
+            keys = self.keys
+            framed = cache[(bucket, view, version)] = (
+                _PTR_HEAD + bulk(keys.ptr(bucket, view).encode()) + _VERSION_NEXT,
+                bulk(keys.data(bucket, view, version.decode()).encode()),
+            )
+        return framed
+
     def _read_items(self, plan: ReadPlan, expected: list[bytes]):
         """One MULTI/EXEC per bucket: (slot, payload, replies) and, per bucket, the (view index,
-        entity positions) of its HMGET pairs."""
+        entity positions) of its views in order."""
         per_bucket: dict[int, list[tuple[int, list[int], bytes]]] = {}
         for i, grouped in enumerate(plan.framed):
             for bucket, positions, framed in zip(grouped.buckets, grouped.positions, grouped.framed):
                 per_bucket.setdefault(bucket, []).append((i, positions, framed))
         items, layout = [], []
-        keys = self.keys
+        slots = self.keys.slots
         for bucket, entries in per_bucket.items():
             parts = [_MULTI]
             for i, positions, framed in entries:
-                view = plan.views[i]
-                parts.append(b"*4\r\n$5\r\nHMGET\r\n" + bulk(keys.ptr(bucket, view).encode()) + _VERSION_NEXT)
-                data = keys.data(bucket, view, expected[i].decode()).encode()
-                parts.append(b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(positions)) + bulk(data) + framed)
+                pointer, data = self._read_keys(bucket, plan.views[i], expected[i])
+                parts += [pointer, b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(positions)), data, framed]
             parts.append(_EXEC)
-            items.append((keys.slots[bucket], b"".join(parts), 2 + 2 * len(entries)))
+            items.append((slots[bucket], b"".join(parts), 2 + 2 * len(entries)))
             layout.append([(i, positions) for i, positions, _ in entries])
         return items, layout
 
@@ -113,12 +133,15 @@ class ClusterReads:
         versions: list[list] = [[] for _ in plan.views]
         accepted = [True] * len(plan.views)
         for entries, reply in zip(layout, replies):
-            if isinstance(reply, Exception) or reply is None:
+            if isinstance(reply, Exception) or not isinstance(reply, list):
                 raise OnlineStoreError(f"reading {plan.views} from Redis Cluster failed: {reply}")
-            for (i, positions), (pointer, got) in zip(entries, zip(reply[0::2], reply[1::2])):
-                if isinstance(pointer, Exception) or isinstance(got, Exception):
-                    bad = pointer if isinstance(pointer, Exception) else got
-                    raise OnlineStoreError(f"reading {plan.views} from Redis Cluster failed: {bad}") from bad
+            for j, (i, positions) in enumerate(entries):
+                pointer, got = reply[2 * j], reply[2 * j + 1]
+                for item in (pointer, got):
+                    if isinstance(item, Exception):
+                        raise OnlineStoreError(
+                            f"reading {plan.views} from Redis Cluster failed: {item}"
+                        ) from item
                 current, upcoming = pointer
                 versions[i].append(current)
                 if expected[i] != current and expected[i] != upcoming:
@@ -178,7 +201,8 @@ class ClusterReads:
             for _ in range(READ_ATTEMPTS):
                 expected = [self._versions.get(v, b"0") for v in plan.views]
                 items, layout = self._read_items(plan, expected)
-                reply = self._check_replies(plan, expected, layout, self._channel.transactions(items))
+                replies = self._channel.transactions(items)
+                reply = self._check_replies(plan, expected, layout, replies)
                 if reply is not None:
                     break
             else:

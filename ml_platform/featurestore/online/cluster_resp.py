@@ -107,9 +107,12 @@ class ClusterChannel:
         """One EVALSHA on the slot's node (loading the script there on NOSCRIPT)."""
         return script.run(self.for_slot(slot), payload, retry)
 
-    def load_scripts(self, *scripts: LuaScript) -> None:
+    def load_scripts(self, *scripts: LuaScript, again: bool = False) -> None:
         """SCRIPT LOAD on every primary not known to have them (before a pipelined stream of
-        EVALSHA, which cannot retry a NOSCRIPT in the middle)."""
+        EVALSHA, which cannot retry a NOSCRIPT in the middle); `again`: on every primary (after
+        a NOSCRIPT: a master restarted or was replaced)."""
+        if again:
+            self._loaded.clear()
         for node in self.client.get_primaries():
             channel = self._by_node.get(node.name)
             if channel is None:

@@ -32,6 +32,7 @@ class RedisClusterOnlineStore(ClusterReads, ClusterWrites, RedisOnlineStore):
             )
         super().__init__(redis_client_or_url, project, **kwargs)
         self.keys = ClusterKeys(self.namespace, buckets)
+        self._bucket_keys_cache = {}
 
     def _make_channel(self) -> ClusterChannel:
         return ClusterChannel(self.client)

@@ -112,6 +112,12 @@ def frame_fields(fields: np.ndarray | list[bytes]) -> bytes:
     """Entity fields framed as RESP bulk strings: a fixed-width array in one numpy pass."""
     if not isinstance(fields, np.ndarray):
         return b"".join([bulk(f) for f in fields])
+    return framed_field_array(fields).tobytes()
+
+
+def framed_field_array(fields: np.ndarray) -> np.ndarray:
+    """Fixed-width entity fields framed as RESP bulk strings, one record per field (so a subset
+    is framed by indexing)."""
     width = fields.dtype.itemsize
     framed = np.empty(
         len(fields), np.dtype([("h", "S4" if width < 10 else "S5"), ("k", f"V{width}"), ("c", "S2")])
@@ -119,7 +125,7 @@ def frame_fields(fields: np.ndarray | list[bytes]) -> bytes:
     framed["h"] = b"$%d\r\n" % width
     framed["k"] = fields
     framed["c"] = b"\r\n"
-    return framed.tobytes()
+    return framed
 
 
 # The bucket hash: the field's bytes as big-endian 64-bit words (the last one zero-padded), each
