@@ -273,3 +273,35 @@ def test_string_keyed_and_multi_key_views_on_a_cluster(cluster_client):
     finally:
         store.delete_project()
         store.close()
+
+
+def test_writes_survive_masters_losing_their_script_cache(cluster_client, redis_cluster):
+    """After SCRIPT FLUSH on every master (what a restart does), stream updates, incremental and
+    full writes load the scripts again instead of failing with NOSCRIPT."""
+    view = wide_view("noscript", 1, ttl=None)
+    store = RedisOnlineStore(cluster_client, project=f"cluster_{uuid.uuid4().hex[:12]}", views=[view])
+    ids = list(range(100))
+    try:
+        store.write_view(view, wide_table(ids, 1.0, T0, 1))
+        for step, write in enumerate(
+            [
+                lambda: store.update_entities(
+                    view,
+                    [{"user_id": u, "event_timestamp": T0 + timedelta(seconds=1), "f00": 2.0} for u in ids],
+                ),
+                lambda: store.write_view(
+                    view, wide_table(ids, 3.0, T0 + timedelta(seconds=2), 1), mode="incremental"
+                ),
+                lambda: store.write_view(view, wide_table(ids, 4.0, T0 + timedelta(seconds=3), 1)),
+            ]
+        ):
+            for port in redis_cluster.ports:
+                node = redis.Redis(host="127.0.0.1", port=port)
+                node.script_flush()
+                node.close()
+            write()
+            out = store.read(["noscript:f00"], [{"user_id": u} for u in ids], now=T0)
+            assert out["f00"] == [float(step + 2)] * len(ids)
+    finally:
+        store.delete_project()
+        store.close()

@@ -8,6 +8,9 @@
     entity_keys.py       join key values -> hash field
     resp.py              the hand-written RESP client (why: see its docstring)
     scripts.py           the Lua scripts in scripts/*.lua, loaded once
+    cluster_store.py     `RedisClusterOnlineStore`: the same store on Redis Cluster (what
+                         `RedisOnlineStore(<RedisCluster client>)` gives), with cluster_layout.py
+                         (hash-tagged buckets), cluster_reads.py, cluster_writes.py, cluster_resp.py
 
 Offline -> online materialization is `ml_platform.featurestore.materialize_online.materialize`
 (re-exported here, as `materialize`, for the existing import path).

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from ml_platform.featurestore.online import scripts
 from ml_platform.featurestore.online.cluster_layout import ClusterKeys
@@ -80,7 +81,11 @@ class ClusterWrites:
         for b in range(self.keys.buckets):
             keys, args = frame(b)
             items.append((self.keys.slots[b], script.frame([k.encode() for k in keys], args)))
-        return self._channel.stream(items, window=SCRIPT_WINDOW)
+        try:
+            return self._channel.stream(items, window=SCRIPT_WINDOW)
+        except NoScriptError:  # a master lost its script cache (restart, SCRIPT FLUSH): every
+            self._channel.load_scripts(script, again=True)  # per-bucket script is idempotent
+            return self._channel.stream(items, window=SCRIPT_WINDOW)
 
     def _each_bucket_command(self, name: bytes, key) -> list:
         """One single-key command (`name key`) in every bucket, e.g. HLEN of each data key."""
@@ -223,8 +228,13 @@ class ClusterWrites:
 
     def _upsert(self, view: str, codec: ValueCodec, fields, values) -> int:
         """Newer-wins upsert, atomic per bucket (per `batch_size` entities of one bucket)."""
-        self._channel.load_scripts(scripts.UPSERT)
-        return sum(int(n) for n in self._channel.stream(self._upsert_items(view, codec, fields, values)))
+        items = list(self._upsert_items(view, codec, fields, values))
+        try:
+            replies = self._channel.stream(items)
+        except NoScriptError:  # a master without the script: load it everywhere, send all again
+            self._channel.load_scripts(scripts.UPSERT, again=True)  # (newer-wins: a replay is harmless)
+            replies = self._channel.stream(items)
+        return sum(int(n) for n in replies)
 
     def _upsert_batches(self, view, schema: ViewSchema, codec: ValueCodec, batches, timestamp_column) -> int:
         rows = 0
@@ -236,7 +246,7 @@ class ClusterWrites:
                 fields = entity_fields(schema.join_keys, batch)
                 yield from self._upsert_items(view, codec, fields, codec.encode(batch, timestamp_column))
 
-        self._channel.load_scripts(scripts.UPSERT)
+        self._channel.load_scripts(scripts.UPSERT, again=True)  # `batches` is read once: no retry mid-stream
         try:
             self._channel.stream(commands(), window=self.pipeline_window)
         except redis.ResponseError as exc:

@@ -1,11 +1,13 @@
 """`OnlineStore`: what `FeatureStore`, the skew check, the HTTP API and the stream worker need of an
-online store. `RedisOnlineStore` implements it today (a Redis Cluster store is planned); every
-implementation must pass the one contract suite, `ml_platform_tests/online_store_contract.py`.
+online store. `RedisOnlineStore` implements it on one Redis, `RedisClusterOnlineStore`
+(cluster_store.py) on a Redis Cluster; every implementation must pass the one contract suite,
+`ml_platform_tests/online_store_contract.py`.
 
 The contract, in short: values are versioned per feature view; a full write builds a new version
 and flips to it atomically (a failed write leaves the previous version serving); a read of several
 views for several entities is one consistent snapshot (each view's values all come from one
-version, and views are read at one moment); values older than the view's TTL at `now`, and
+version, and views are read at one moment; on Redis Cluster "one moment" holds for views with
+the same join keys, see docs/online_store.md "Redis Cluster"); values older than the view's TTL at `now`, and
 unknown entities, read as None (with a status column on request); nulls and NaN stay distinct.
 """
 
