@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -358,3 +359,31 @@ def test_views_of_different_join_keys_each_stay_one_version_while_a_writer_flips
         writer.delete_project()
         writer.close()
         reader.close()
+
+
+def test_retired_versions_with_a_grace_period_are_reaped_from_every_bucket(cluster_client, redis_cluster):
+    """With retire_grace_seconds, the replaced version's bucket keys stay (readers never use
+    them: no bucket lists the version any more) until reap_retired deletes all of them."""
+    view = wide_view("graced", 1, ttl=None)
+    store = RedisOnlineStore(
+        cluster_client, project=f"cluster_{uuid.uuid4().hex[:12]}", views=[view], retire_grace_seconds=30
+    )
+    ids = list(range(200))
+    try:
+        store.write_view(view, wide_table(ids, 1.0, T0, 1))
+        store.write_view(view, wide_table(ids, 2.0, T0, 1))
+        assert store.metadata("graced")["retired_versions"] == [1]
+
+        def versions_stored():
+            keys = node_keys(redis_cluster, store.namespace + "*:data:*").values()
+            return sorted({k.rsplit(b":", 1)[1] for ks in keys for k in ks})
+
+        assert versions_stored() == [b"1", b"2"]
+        assert store.read(["graced:f00"], [{"user_id": u} for u in ids])["f00"] == [2.0] * 200
+        assert store.reap_retired(now=time.time() + 1) == []  # still in its grace period
+        reaped = store.reap_retired(now=time.time() + 31)
+        assert sorted(reaped) == sorted(store.keys.data(b, "graced", 1) for b in range(BUCKETS))
+        assert versions_stored() == [b"2"] and store.metadata("graced")["retired_versions"] == []
+    finally:
+        store.delete_project()
+        store.close()
