@@ -7,6 +7,8 @@ is deleted afterwards. Prints p50/p99 read latency for 1 and 100 entities (20 fl
 view, three views; and the fraud model's 5 views) against, measured in the same run,
 (a) redis-py pipelined HMGET over one hash per entity and (b) one MGET of packed values; then
 materialization rows/s and peak RSS for --entities entities against plain pipelined HSET.
+The same store on a local three-master Redis Cluster, against this one in the same process:
+bench/online_store_cluster.py (a separate script: this one is already near 400 lines).
 """
 
 from __future__ import annotations
