@@ -4,7 +4,9 @@ dagster.yaml, written from the settings.
 - embedded profile: the local instance (SQLite files under DAGSTER_HOME);
 - production profile: runs, event log and schedules in PostgreSQL (`dagster-postgres`), the URL
   read by Dagster from the environment variable ML_PLATFORM_DAGSTER_POSTGRES_URL (`{env: ...}`), so
-  the password is never written to disk.
+  the password is never written to disk. The platform's processes get the URL in the form
+  dagster-postgres needs (postgresql+psycopg2://, `settings.dagster_postgres_url`); start Dagster's
+  own commands (daemon, webserver) with that form too, or through `ml-platform ui`.
 
 A dagster.yaml the platform wrote (its first line says so) follows the settings: it is rewritten
 when the profile changes. A dagster.yaml of the user's own (any other first line) is kept as it is.

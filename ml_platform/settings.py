@@ -57,6 +57,15 @@ PRODUCTION_REQUIRED = {
 }
 
 
+def dagster_postgres_url(url: str) -> str:
+    """The instance's URL with the driver dagster-postgres is written for: SQLAlchemy 2.1 opens a
+    plain postgresql:// URL with psycopg 3, on which dagster-postgres's NOTIFY fails."""
+    for prefix in ("postgresql+psycopg2://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    raise ValueError(f"{DAGSTER_POSTGRES_URL_ENV} must be a postgresql:// URL, got {redact_url(url)!r}")
+
+
 class SyntheticDefaults:
     """The synthetic population of the demo (generator, `event_source` resource and CLI)."""
 
@@ -130,10 +139,8 @@ class Settings(BaseSettings):
         object.__setattr__(self, "dagster_home", home)
         if self.profile == "production":
             self._check_production()
-        if self.dagster_postgres_url and not self.dagster_postgres_url.startswith(("postgresql://", "postgres://")):
-            raise ValueError(
-                f"{DAGSTER_POSTGRES_URL_ENV} must be a postgresql:// URL, got {redact_url(self.dagster_postgres_url)!r}"
-            )
+        if self.dagster_postgres_url:
+            object.__setattr__(self, "dagster_postgres_url", dagster_postgres_url(self.dagster_postgres_url))
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}")
         return self

@@ -47,3 +47,16 @@ def client():
         pytest.fail(f"these tests need the Redis server at {TEST_REDIS_URL} (.ci/run starts it)")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_tracking_server(tmp_path_factory):
+    """An MLflow tracking server on its own PostgreSQL database (the production profile's; the
+    command `ml-platform mlflow-server` runs), started on first use, stopped and dropped at the end."""
+    from production_services import TrackingServer
+
+    server = TrackingServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -59,9 +59,21 @@ def delete_project_keys(client: redis.Redis, project: str) -> int:
     return deleted
 
 
-def serving_settings(root: Path, project: str, redis_url: str = TEST_REDIS_URL) -> Settings:
-    """Settings for a platform living under `root` with its Redis keys under `project:`."""
+def serving_settings(root: Path, project: str, redis_url: str = TEST_REDIS_URL, tenant: Any = None) -> Settings:
+    """Settings for a platform living under `root` with its Redis keys under `project:`: embedded
+    MLflow (SQLite under `root`), or, with a production `tenant` (production_services), the
+    tenant's tracking server, ACL user, model name and Dagster database."""
     data_dir = Path(root).resolve() / "data"
+    if tenant is not None:
+        return Settings(
+            data_dir=data_dir,
+            dagster_home=Path(root).resolve() / "dagster_home",
+            mlflow_tracking_uri=tenant.mlflow_url,
+            redis_url=tenant.redis_url,
+            model_name=tenant.model_name,
+            project=tenant.project,
+            dagster_postgres_url=tenant.dagster_postgres_url,
+        )
     return Settings(
         data_dir=data_dir,
         dagster_home=Path(root).resolve() / "dagster_home",
@@ -147,10 +159,12 @@ def build_tiny_platform(
     config: dict | None = None,
     v1_params: dict | None = None,
     v2_params: dict | None = None,
+    tenant: Any = None,
 ) -> TinyPlatform:
     """Generate events ending yesterday, build the offline views, train and register v1 (fewer
     features) and v2 (all features), make v1 then v2 champion (so v1 is the previous champion) and
-    materialize the online store as of now. ~15 s with the default small config."""
+    materialize the online store as of now. ~15 s with the default small config. With a production
+    `tenant` (production_services.production_tenant), on its servers."""
     from threadpoolctl import threadpool_limits
 
     from ml_platform.featurestore.online import RedisOnlineStore
@@ -161,8 +175,10 @@ def build_tiny_platform(
     from ml_platform.sources.raw_events import all_partition_days, read_days
 
     root = Path(root).resolve()
+    if tenant is not None:
+        project, redis_url = tenant.project, tenant.redis_url
     project = project or unique_project()
-    settings = serving_settings(root, project, redis_url)
+    settings = serving_settings(root, project, redis_url, tenant=tenant)
     settings.ensure_dirs()
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -229,13 +245,24 @@ def build_tiny_platform(
 
 
 @pytest.fixture(scope="module")
-def tiny_platform(tmp_path_factory):
-    """A module's own tiny platform (its own MLflow store and Redis project), cleaned up after."""
-    platform = build_tiny_platform(tmp_path_factory.mktemp("platform"))
-    try:
-        yield platform
-    finally:
-        platform.cleanup()
+def tiny_platform(request, tmp_path_factory):
+    """A module's own tiny platform (its own MLflow store and Redis project), cleaned up after. With
+    ML_PLATFORM_TEST_PROFILE=production: on the session's MLflow tracking server, with its own
+    Redis ACL user (allowed only its key prefix), model name and PostgreSQL database."""
+    from production_services import PRODUCTION, production_tenant
+
+    with contextlib.ExitStack() as stack:
+        tenant = None
+        if PRODUCTION:
+            server = request.getfixturevalue("mlflow_tracking_server")
+            admin = redis.Redis.from_url(TEST_REDIS_URL)
+            stack.callback(admin.close)
+            tenant = stack.enter_context(production_tenant(admin, server.url, prefix="test_serving"))
+        platform = build_tiny_platform(tmp_path_factory.mktemp("platform"), tenant=tenant)
+        try:
+            yield platform
+        finally:
+            platform.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_an_idle_server_stops_after_its_idle_time_and_keeps_its_data(server):
 
 
 def test_a_server_whose_data_directory_is_deleted_stops(server, tmp_path):
-    redis, url, pid = server(idle_s=0, where=tmp_path / "doomed")  # 0: the idle rule is off
+    _, url, pid = server(idle_s=0, where=tmp_path / "doomed")  # 0: the idle rule is off
     client = client_from_url(url)
     client.set("x", "1")  # a connected client does not keep it alive once its directory is gone
     shutil.rmtree(tmp_path / "doomed")

@@ -23,15 +23,6 @@ DEFAULT_PORT = 5000
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def sqlalchemy_uri(uri: str) -> str:
-    """A backend store URI SQLAlchemy opens with the installed driver: `postgresql://` means
-    psycopg (3) to SQLAlchemy 2.1, which is not installed; psycopg2 is (dagster-postgres needs it)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if uri.startswith(prefix):
-            return "postgresql+psycopg2://" + uri[len(prefix) :]
-    return uri
-
-
 @dataclass(frozen=True)
 class ServerCommand:
     argv: list[str]
@@ -70,4 +61,4 @@ def server_command(
     ]
     if host not in ("127.0.0.1", "localhost", "::1"):
         argv += ["--allowed-hosts", "*"]  # behind a load balancer the Host header is the service's name
-    return ServerCommand(argv=argv, env={**SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": sqlalchemy_uri(backend_store_uri)})
+    return ServerCommand(argv=argv, env={**SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": backend_store_uri})

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_platform import features as fr
 from ml_platform.experiments.router import ExperimentRouter
@@ -26,6 +27,7 @@ from ml_platform.serving.api.config import ServingConfig
 from ml_platform.serving.api.experiment_routes import experiment_router
 from ml_platform.serving.api.metrics import HttpMetricsMiddleware, ServingMetrics
 from ml_platform.serving.api.routes import router
+from ml_platform.serving.api.security import BodyLimitMiddleware
 from ml_platform.serving.api.service import PredictionService, ServiceUnavailable
 from ml_platform.serving.model_holder import ModelHolder, SwapEvent
 from ml_platform.serving.prediction_log import PredictionLogWriter, prediction_stream_key
@@ -122,6 +124,13 @@ async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONRespons
         content={"error": exc.reason, "message": exc.message},
         headers={"Retry-After": "1"},
     )
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """An HTTPException whose detail is the API's {"error", "message"} answers with it as the body
+    (not under FastAPI's "detail"), like every other error of this API."""
+    body = exc.detail if isinstance(exc.detail, dict) else {"error": "http_error", "message": str(exc.detail)}
+    return JSONResponse(status_code=exc.status_code, content=body, headers=getattr(exc, "headers", None))
 
 
 def create_app(
@@ -243,9 +252,13 @@ def create_app(
         ),
         lifespan=lifespan,
     )
+    app.state.api_token = settings.api_token_value
+    app.state.auth_scope = config.auth_scope
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(router)
     app.include_router(experiment_router)
     return app

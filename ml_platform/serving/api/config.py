@@ -23,6 +23,12 @@ class ServingConfig:
     experiment_refresh_s: float = 0.5  # how often the active experiment and its posteriors are re-read
     shadow_max_pending: int = 4  # shadow batches waiting at most; beyond, shadow rows are dropped (counted)
     max_feedback_rows: int = 10_000  # rewards one POST /feedback/batch may send
+    # Larger request bodies get 413 (a full /predict/batch of max_request_rows is ~0.3 MB, a full
+    # /feedback/batch ~0.8 MB).
+    max_body_bytes: int = 2 * 2**20
+    # With ML_PLATFORM_API_TOKEN set: "mutating" asks for it on POST /feedback*, "all" on every
+    # endpoint but health and metrics.
+    auth_scope: str = "mutating"
     prediction_log: bool = True
     prediction_log_maxlen: int = DEFAULT_MAXLEN
     # The app owns its process (run_server sets this): freeze the start-up heap out of the garbage
@@ -34,6 +40,12 @@ class ServingConfig:
 
         if self.scorer not in SCORERS:
             raise ValueError(f"ServingConfig.scorer must be one of {SCORERS}, got {self.scorer!r}")
+        from ml_platform.serving.api.security import AUTH_SCOPES
+
+        if self.auth_scope not in AUTH_SCOPES:
+            raise ValueError(f"ServingConfig.auth_scope must be one of {AUTH_SCOPES}, got {self.auth_scope!r}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"ServingConfig.max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.poll_interval_s <= 0 or self.max_batch_rows < 1 or self.max_request_rows < 1:
             raise ValueError(
                 "ServingConfig: poll_interval_s must be > 0, max_batch_rows and max_request_rows >= 1 "

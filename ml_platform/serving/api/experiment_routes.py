@@ -15,7 +15,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import redis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ml_platform.experiments.store import ACCEPTED, DUPLICATE, UNKNOWN
@@ -26,6 +26,7 @@ from ml_platform.serving.api.schemas import (
     FeedbackBatch,
     FeedbackBatchResult,
 )
+from ml_platform.serving.api.security import require_read_token, require_write_token
 
 if TYPE_CHECKING:
     from ml_platform.serving.api.app import AppState
@@ -54,6 +55,7 @@ async def _apply(state: AppState, items: list[Feedback]) -> list[tuple[str, str]
 
 @experiment_router.post(
     "/feedback",
+    dependencies=[Depends(require_write_token)],
     response_model=FeedbackAccepted,
     responses={
         404: {"model": ErrorResponse, "description": "No decision awaits a reward under this prediction_id"},
@@ -90,7 +92,8 @@ async def feedback(request: Request, item: Feedback) -> JSONResponse:
     )
 
 
-@experiment_router.post("/feedback/batch", response_model=FeedbackBatchResult)
+@experiment_router.post("/feedback/batch", response_model=FeedbackBatchResult,
+                        dependencies=[Depends(require_write_token)])
 async def feedback_batch(request: Request, batch: FeedbackBatch) -> JSONResponse:
     """Many rewards in one call; each is applied atomically and once (the unknown and duplicate
     ids are listed, the rest accepted)."""
@@ -121,7 +124,7 @@ async def feedback_batch(request: Request, batch: FeedbackBatch) -> JSONResponse
     )
 
 
-@experiment_router.get("/experiments")
+@experiment_router.get("/experiments", dependencies=[Depends(require_read_token)])
 async def experiments(request: Request) -> JSONResponse:
     """The active experiment (the one routing this API's traffic) and every experiment's status."""
     store = _state(request).experiments
@@ -133,7 +136,8 @@ async def experiments(request: Request) -> JSONResponse:
     return JSONResponse({"active": active, "experiments": statuses})
 
 
-@experiment_router.get("/experiments/{name}", responses={404: {"model": ErrorResponse}})
+@experiment_router.get("/experiments/{name}", responses={404: {"model": ErrorResponse}},
+                       dependencies=[Depends(require_read_token)])
 async def experiment(request: Request, name: str) -> JSONResponse:
     """Per arm: posterior mean, std and rewards received (`samples`), decisions `served` and
     `traffic_share`, `selection_probability` now; plus the config, the feedback counts, and this

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
 import redis
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ml_platform.serving.api.schemas import (
@@ -30,11 +30,13 @@ from ml_platform.serving.api.schemas import (
     Prediction,
     Transaction,
 )
+from ml_platform.serving.api.security import require_read_token
 
 if TYPE_CHECKING:
     from ml_platform.serving.api.app import AppState
 
 router = APIRouter()
+READ = [Depends(require_read_token)]  # a token only with ServingConfig.auth_scope="all" (api.security)
 
 UNAVAILABLE = {
     503: {"model": ErrorResponse, "description": "Redis, the online store or the model is unavailable"}
@@ -47,7 +49,7 @@ def state_of(request: Request) -> AppState:
     return request.app.state.serving
 
 
-@router.post("/predict", response_model=Prediction, responses={**INVALID, **UNAVAILABLE})
+@router.post("/predict", response_model=Prediction, responses={**INVALID, **UNAVAILABLE}, dependencies=READ)
 async def predict(
     request: Request,
     transaction: Annotated[Transaction, Body(openapi_examples=PREDICT_EXAMPLES)],
@@ -58,7 +60,8 @@ async def predict(
     return JSONResponse(result)
 
 
-@router.post("/predict/batch", response_model=BatchResponse, responses={**INVALID, **UNAVAILABLE})
+@router.post("/predict/batch", response_model=BatchResponse, responses={**INVALID, **UNAVAILABLE},
+             dependencies=READ)
 async def predict_batch(
     request: Request,
     batch: Annotated[BatchRequest, Body(openapi_examples=BATCH_EXAMPLES)],
@@ -140,7 +143,7 @@ async def ready(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/model")
+@router.get("/model", dependencies=READ)
 async def model_status(request: Request) -> dict:
     """The version serving, how it is scored (and why), loaded versions, recent swaps and the
     last load or poll error (a champion that failed to load is named here; the old one serves)."""
