@@ -28,7 +28,7 @@ from ml_platform.featurestore.definitions import (
     String,
     ValueType,
 )
-from ml_platform.featurestore.online import RedisOnlineStore, scripts
+from ml_platform.featurestore.online import OnlineStoreError, RedisOnlineStore, scripts
 from ml_platform.featurestore.online.cluster_layout import BUCKETS, bucket_slots
 from ml_platform.featurestore.online.cluster_store import RedisClusterOnlineStore
 from ml_platform.featurestore.online.entity_keys import (
@@ -387,3 +387,23 @@ def test_retired_versions_with_a_grace_period_are_reaped_from_every_bucket(clust
     finally:
         store.delete_project()
         store.close()
+
+
+def test_a_client_with_another_bucket_count_refuses_instead_of_reading_nothing(cluster_client):
+    """The bucket count is part of the layout: a store configured with 8 buckets on data written
+    with 16 would look for every entity in the wrong place; it raises, naming both numbers."""
+    view = wide_view("layout", 1, ttl=None)
+    project = f"cluster_{uuid.uuid4().hex[:12]}"
+    store = RedisOnlineStore(cluster_client, project=project, views=[view])
+    other = RedisClusterOnlineStore(cluster_client, project=project, views=[view], buckets=8)
+    try:
+        store.write_view(view, wide_table([1, 2, 3], 1.0, T0, 1))
+        with pytest.raises(OnlineStoreError, match="written with 16 buckets per view, this store uses 8"):
+            other.read(["layout:f00"], [{"user_id": 1}])
+        with pytest.raises(OnlineStoreError, match="written with 16 buckets"):
+            other.write_view(view, wide_table([1], 2.0, T0, 1))
+        assert store.read(["layout:f00"], [{"user_id": u} for u in (1, 2, 3)])["f00"] == [1.0] * 3
+    finally:
+        store.delete_project()
+        store.close()
+        other.close()

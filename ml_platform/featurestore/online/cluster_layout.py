@@ -20,7 +20,8 @@ and the bucket's pointers are read in one MULTI/EXEC on one node. Why and what i
 docs/online_store.md, "Redis Cluster".
 
 BUCKETS is part of the layout: every client of a project must use the same value, and changing
-it means materializing every view again (the writer records it in the meta hash, readers check).
+it means materializing every view again (the writer records it in the meta hash; writers and
+readers refuse a different one).
 """
 
 from __future__ import annotations
