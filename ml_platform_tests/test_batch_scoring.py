@@ -17,6 +17,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from ml_platform import features as fr
+from ml_platform.serving import batch_columns, batch_trees
 from ml_platform.serving.batch import (
     PREDICTION_COLUMNS,
     PredictionsLockedError,
@@ -67,6 +68,7 @@ def expected_scores(platform, model: LoadedModel, day: date) -> pd.DataFrame:
     out = events[["transaction_id", "user_id", "merchant_id", fr.EVENT_TS]].copy()
     out["score"] = model.predict_proba(frame)
     out["txn_count_24h"] = looked_up["txn_count_24h"].to_numpy()
+    out["txn_count_30d"] = looked_up["txn_count_30d"].to_numpy()
     return out.sort_values("transaction_id").reset_index(drop=True)
 
 
@@ -98,13 +100,17 @@ def test_scores_equal_the_model_on_point_in_time_features(tiny_platform, champio
     assert len(expected) > 100  # several chunks of 50
     assert result["rows"] == len(got) == len(expected)
     assert result["model_version"] == champion.version == 2 and result["table"] == "predictions"
+    # the columnar path with the native trees served it (no silent fallback), bit for bit
+    assert result["scorer"] == "compiled+native" and result["scorer_reasons"] == []
     assert list(got.columns) == list(PREDICTION_COLUMNS)
     assert got["transaction_id"].tolist() == expected["transaction_id"].tolist()
     np.testing.assert_array_equal(got["score"].to_numpy(), expected["score"].to_numpy())
     assert got["user_id"].tolist() == expected["user_id"].tolist()
     assert (got[fr.EVENT_TS] == pd.to_datetime(expected[fr.EVENT_TS], utc=True)).all()
-    # The features were really looked up: many events follow another of the same card holder.
+    # The features were really looked up: many events follow another of the same card holder, and
+    # many 30-day counts hold events of earlier days (the feature rows read from before the day).
     assert (expected["txn_count_24h"].fillna(0) > 0).mean() > 0.3
+    assert (expected["txn_count_30d"].fillna(0) > expected["txn_count_24h"].fillna(0)).mean() > 0.3
     threshold = champion.contract.decision_threshold
     assert (got["decision"] == (got["score"] >= threshold)).all()
     assert result["positives_flagged"] == int(got["decision"].sum())
@@ -168,12 +174,36 @@ def test_a_crash_midway_leaves_the_previous_rows_of_the_day(tiny_platform, champ
     log_file = tmp_path / "predictions_log" / "source=batch" / f"date={days[0]}" / "predictions.parquet"
     assert first["log_path"] == str(log_file)
     previous_log = pq.read_table(log_file)
-    assert previous_log.num_rows == len(previous) and set(previous_log.column("model_version").to_pylist()) == {2}
+    assert previous_log.num_rows == len(previous) and set(
+        previous_log.column("model_version").to_pylist()
+    ) == {2}
 
+    # the reference path (assemble_features + predict_proba) dies on its second chunk ...
     crashing = CrashingModel(version=7, model=champion.model, contract=champion.contract, crash_on_call=2)
     with pytest.raises(RuntimeError, match="simulated crash while scoring chunk 2"):
-        score_partition(tiny_platform.store, crashing, days[0], db, chunk_rows=40)
+        score_partition(tiny_platform.store, crashing, days[0], db, chunk_rows=40, path="reference")
     assert crashing.calls == 2  # the first chunk was scored and staged, then the run died
+    # ... and so does the compiled path (its trees fail on the third chunk)
+    calls = []
+    real_predict = batch_columns.ChunkScorer._predict
+
+    def failing_predict(self, X):
+        calls.append(len(X))
+        if len(calls) == 4:  # 1: the first-chunk check, 2-3: chunks 1-2 staged
+            raise RuntimeError("simulated crash in the trees")
+        return real_predict(self, X)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_columns.ChunkScorer, "_predict", failing_predict)
+        with pytest.raises(RuntimeError, match="simulated crash in the trees"):
+            score_partition(
+                tiny_platform.store,
+                LoadedModel(7, champion.model, champion.contract),
+                days[0],
+                db,
+                chunk_rows=40,
+            )
+    assert len(calls) == 4
 
     pd.testing.assert_frame_equal(by_id(read_predictions(db, days[0])), previous)
     assert (read_predictions(db)["model_version"] != 7).all()  # no partial new rows anywhere
@@ -264,3 +294,148 @@ def test_a_day_without_raw_events_is_a_clear_error(tiny_platform, champion, tmp_
         score_partition(tiny_platform.store, champion, "yesterday", tmp_path / "p.duckdb")
     with pytest.raises(FileNotFoundError, match="score a day first"):
         read_predictions(tmp_path / "missing.duckdb")
+
+
+# --------------------------------------------------------------------------- the compiled path
+
+
+def model_matrix(model: LoadedModel, platform, day: date) -> np.ndarray:
+    """The Pipeline's own model matrix for the day's events (the reference features)."""
+    events = day_events(platform, day)
+    lookup = events.copy()
+    lookup[fr.EVENT_TS] = fr.feature_lookup_time(pd.to_datetime(events[fr.EVENT_TS], utc=True))
+    looked_up = platform.store.get_historical_features(lookup, list(model.contract.feature_refs))
+    frame = assemble_features(events, looked_up[list(model.contract.feature_columns)])
+    return np.asarray(model.model[:-1].transform(model.contract.model_input(frame)), dtype=np.float64)
+
+
+def test_native_trees_give_scikit_learns_probabilities_bit_for_bit(tiny_platform, champion, days):
+    """The C kernel against HistGradientBoosting's own predict_proba, on the day's real matrix and on
+    rows made to take every odd branch: NaN in every column (the missing side), negative and unseen
+    category codes (missing), values on the thresholds; on one and two threads."""
+    classifier = champion.model[-1]
+    trees = batch_trees.NativeTrees.of(classifier)
+    assert trees is not None, "no C compiler on this machine? (the fallback is tested below)"
+    assert trees._arrays["is_categorical"].any()  # the model has native categorical splits
+    X = model_matrix(champion, tiny_platform, days[0])
+    rng = np.random.default_rng(3)
+    odd = X[rng.integers(0, len(X), 3000)].copy()
+    nodes = np.concatenate([t.nodes for it in classifier._predictors for t in it])
+    split = nodes[~nodes["is_leaf"].astype(bool) & ~nodes["is_categorical"].astype(bool)]
+    picks = rng.integers(0, len(split), 1000)
+    odd[np.arange(1000), split["feature_idx"][picks]] = split["num_threshold"][
+        picks
+    ]  # exactly on a threshold
+    odd[rng.random(odd.shape) < 0.15] = np.nan
+    n_cat = len(champion.contract.categorical_features)  # the encoder emits the categoricals first
+    cats = odd[:, :n_cat]
+    cats[rng.random(cats.shape) < 0.1] = -1.0
+    cats[rng.random(cats.shape) < 0.1] = 200.0  # a code no category has
+    for matrix in (X, odd, np.asfortranarray(odd)):
+        want = classifier.predict_proba(matrix)[:, 1]
+        assert len(np.unique(want)) > 50
+        for threads in (1, 2):
+            got = trees.predict_proba(matrix, threads=threads)
+            assert got.dtype == np.float64 and np.array_equal(got, want), (threads, np.abs(got - want).max())
+        np.testing.assert_array_equal(trees.raw(matrix)[:, 0], classifier._raw_predict(matrix)[:, 0])
+
+
+def fitted_model(platform, contract, model_type: str, day: date, version: int) -> LoadedModel:
+    """A `model_type` model fitted on the day's reference inputs (labels from the amount and hour)."""
+    from ml_platform.training.model_types import get_model_type
+
+    events = day_events(platform, day)
+    lookup = events.copy()
+    lookup[fr.EVENT_TS] = fr.feature_lookup_time(pd.to_datetime(events[fr.EVENT_TS], utc=True))
+    looked_up = platform.store.get_historical_features(lookup, list(contract.feature_refs))
+    X = contract.model_input(assemble_features(events, looked_up[list(contract.feature_columns)]))
+    rng = np.random.default_rng(0)
+    logit = 0.02 * (X["amount"].to_numpy() - 60) + 1.5 * X["is_night"].to_numpy() - 2.0
+    y = (rng.random(len(X)) < 1 / (1 + np.exp(-logit))).astype(int)
+    params = {"random_forest": {"n_estimators": 10, "max_depth": 6}}.get(model_type, {})
+    model = get_model_type(model_type).build(contract, params, random_state=0)
+    model.fit(X, y)
+    return LoadedModel(version=version, model=model, contract=contract)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "scorer"),
+    [("logistic_regression", "reference+sklearn"), ("random_forest", "compiled+sklearn")],
+)
+def test_models_without_native_trees_score_exactly_too(
+    tiny_platform, champion, days, tmp_path, model_type, scorer
+):
+    """A logistic regression (one-hot Pipeline: the reference path) and a random forest (the column-wise
+    matrix, scikit-learn's trees) publish exactly their predict_proba on point-in-time features."""
+    model = fitted_model(tiny_platform, champion.contract, model_type, days[1], version=5)
+    db = tmp_path / "p.duckdb"
+    # a linear model's matrix product rounds differently with the batch size (BLAS blocking): one
+    # chunk for it; trees score each row alone, so the forest is scored in chunks of 70
+    chunk_rows = 10_000 if model_type == "logistic_regression" else 70
+    result = score_partition(tiny_platform.store, model, days[0], db, chunk_rows=chunk_rows)
+    assert result["scorer"] == scorer, result["scorer_reasons"]
+    got = by_id(read_predictions(db, days[0]))
+    expected = expected_scores(tiny_platform, model, days[0])
+    assert len(np.unique(expected["score"])) > 20
+    np.testing.assert_array_equal(got["score"].to_numpy(), expected["score"].to_numpy())
+
+
+def test_a_compiled_path_that_disagrees_is_refused_on_the_first_rows(tiny_platform, champion, days, tmp_path):
+    """A column-wise encoding that codes one category wrong would publish wrong scores: the first
+    chunk's check against the reference path sees it and the day takes the reference path."""
+    real_codes = batch_columns._codes
+
+    def wrong_codes(values, table, unknown, missing):
+        out = real_codes(values, table, unknown, missing)
+        out[out == 0.0] = 1.0  # the first category of every column read as the second
+        return out
+
+    db = tmp_path / "p.duckdb"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_columns, "_codes", wrong_codes)
+        result = score_partition(tiny_platform.store, champion, days[0], db, chunk_rows=60)
+    assert result["scorer"] == "reference+sklearn"
+    assert any("model matrix differs" in r for r in result["scorer_reasons"]), result["scorer_reasons"]
+    expected = expected_scores(tiny_platform, champion, days[0])
+    np.testing.assert_array_equal(
+        by_id(read_predictions(db, days[0]))["score"].to_numpy(), expected["score"].to_numpy()
+    )
+
+
+def test_without_a_c_compiler_the_classifier_scores_the_matrix(tiny_platform, champion, days, tmp_path):
+    db = tmp_path / "p.duckdb"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_trees, "_compiled", lambda: None)
+        result = score_partition(tiny_platform.store, champion, days[0], db)
+    assert result["scorer"] == "compiled+sklearn"
+    expected = expected_scores(tiny_platform, champion, days[0])
+    np.testing.assert_array_equal(
+        by_id(read_predictions(db, days[0]))["score"].to_numpy(), expected["score"].to_numpy()
+    )
+
+
+def test_the_log_is_the_same_whichever_path_scored(tiny_platform, champion, days, tmp_path):
+    """The prediction log of the compiled path equals the reference path's, column by column (typed
+    model inputs with nulls, request fields, decisions), but for how and when it ran."""
+    logs = {}
+    for path in ("auto", "reference"):
+        result = score_partition(
+            tiny_platform.store,
+            champion,
+            days[0],
+            tmp_path / f"{path}.duckdb",
+            chunk_rows=90,
+            log_dir=tmp_path / f"log_{path}",
+            path=path,
+        )
+        logs[path] = (
+            pq.read_table(result["log_path"]).to_pandas().sort_values("transaction_id", ignore_index=True)
+        )
+    auto, reference = logs["auto"], logs["reference"]
+    assert (auto["scorer"] == "compiled+native").all() and (reference["scorer"] == "reference+sklearn").all()
+    assert list(auto.columns) == list(reference.columns)
+    nulls = auto.filter(like="feature.").isna().sum()
+    assert nulls.sum() > 0, "no null input: the comparison would not see NaN logged instead of null"
+    same = [c for c in auto.columns if c not in ("scorer", "latency_ms", "predicted_at")]
+    pd.testing.assert_frame_equal(auto[same], reference[same])
+    assert (auto["latency_ms"] > 0).all()

@@ -1,18 +1,22 @@
 """Batch scoring: score every transaction of one day with a model version and publish the
 predictions to a DuckDB table that applications read, replacing that day atomically.
 
-How a day is scored (memory bounded, whatever the day's size):
+How a day is scored (memory bounded, whatever the day's size; design and figures in docs/batch.md):
 
-1. The day's raw events (<data_dir>/raw/transactions/date=YYYY-MM-DD/*.parquet) are copied into
-   a staging DuckDB file, each with a row number.
+1. The day's raw events (<data_dir>/raw/transactions/date=YYYY-MM-DD/*.parquet) are read in place,
+   each row numbered by file order (`batch_features.events_relation`).
 2. Looked-up features: per feature view, the offline store's point-in-time join
    (`offline.point_in_time_sql`, the SQL `get_historical_features` runs for training sets) at
-   `features.feature_lookup_time(event_timestamp)`, run once for the whole day inside DuckDB
-   (which spills to disk past its memory limit). Calling `get_historical_features` per chunk
-   gives the same values but rescans every feature table per chunk: O(chunks x history).
-3. Chunks of `chunk_rows` rows: events + features -> `scoring.assemble_features` (request-time
-   features) -> `LoadedModel.predict_proba` (scikit-learn; for large batches it beats treelite's
-   GTIL, see docs/batch.md) -> staged predictions.
+   `features.feature_lookup_time(event_timestamp)`, run once for the whole day inside a staging
+   DuckDB file (which spills to disk past its memory limit), over the feature rows that can answer
+   the day (`batch_features.stage_features`). Calling `get_historical_features` per chunk gives the
+   same values but rescans every feature table per chunk: O(chunks x history).
+3. Chunks of `chunk_rows` rows, events and features side by side in Arrow
+   (`batch_features.chunk_reader`) -> `batch_columns.ChunkScorer`: the model matrix built
+   column-wise and the trees in `batch_trees` (scikit-learn's scores bit for bit, on `threads`
+   threads), checked against the reference path (`scoring.assemble_features` +
+   `LoadedModel.predict_proba`) on the day's first rows; models it cannot serve take the
+   reference path -> staged predictions.
 4. The swap: ONE transaction on the predictions database deletes the day's rows and inserts the
    staged ones. A failure anywhere before the commit leaves the previous rows of the day intact;
    re-scoring a day replaces it (`predictions_db.swap_partition`).
@@ -21,7 +25,7 @@ How a day is scored (memory bounded, whatever the day's size):
    chunk's scoring time per row) go to `<log dir>/source=batch/date=D/predictions.parquet`, one
    file per day built and written in a background thread while the next chunk scores, renamed
    into place after the swap committed: re-scoring a day replaces its file
-   (`prediction_log.DayFileWriter`, `prediction_log.batch_log_rows`).
+   (`prediction_log.DayFileWriter`, `batch_columns.log_rows`).
 
 The published tables, the swap and the readers are in `serving.predictions_db` (re-exported here).
 """
@@ -34,28 +38,20 @@ import resource
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import duckdb
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ml_platform import features as fr
 from ml_platform.featurestore import offline
-from ml_platform.featurestore.definitions import parse_feature_ref
-from ml_platform.serving.prediction_log import (
-    BATCH_FILE,
-    DayFileWriter,
-    batch_log_rows,
-    batch_log_schema,
-    day_dir,
-)
+from ml_platform.serving.batch_columns import ChunkScorer, log_rows, prediction_rows
+from ml_platform.serving.batch_features import chunk_reader, events_relation, stage_features
+from ml_platform.serving.prediction_log import BATCH_FILE, DayFileWriter, batch_log_schema, day_dir
 from ml_platform.serving.predictions_db import (  # re-exported: the published table's API
     PARTITION_COLUMNS,
     PARTITIONS_TABLE,
@@ -70,9 +66,8 @@ from ml_platform.serving.predictions_db import (  # re-exported: the published t
     read_scored_days,
     swap_partition,
 )
-from ml_platform.serving.scoring import LoadedModel, assemble_features
+from ml_platform.serving.scoring import LoadedModel
 from ml_platform.settings import Settings
-from ml_platform.timestamps import to_us
 
 __all__ = [
     "PARTITIONS_TABLE",
@@ -80,6 +75,7 @@ __all__ = [
     "PREDICTIONS_SCHEMA",
     "PREDICTIONS_TABLE",
     "PREDICTION_COLUMNS",
+    "TRANSACTION_ID",
     "PredictionsLockedError",
     "peak_rss_mb",
     "raw_partition_files",
@@ -90,12 +86,8 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_LIMIT = "2GB"  # DuckDB's budget for the staging work when the store sets none
-
-_EVENTS = "day_events"
-_ROW = "__row"
-_ENTITY_TABLE = offline.ENTITY_TABLE  # the entity-rows relation point_in_time_sql joins from
-_ENTITY_ROW_ID = offline.ROW_ID
-_NULLABLE = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.bool_(): pd.BooleanDtype()}
+SCORING_MEMORY_LIMIT = "512MB"  # DuckDB's budget while it streams the staged chunks (bounds the peak RSS)
+PATHS = ("auto", "reference")  # score_partition(path=...): the compiled path where it is exact, or not
 
 
 # --------------------------------------------------------------------------- public API
@@ -111,26 +103,37 @@ def score_partition(
     memory_limit: str | None = None,
     lock_timeout_s: float = 120.0,
     log_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    path: str = "auto",
 ) -> dict[str, Any]:
     """Score every transaction of `day` with `loaded_model` and replace that day's rows of the
     predictions table in `duckdb_path` in one transaction, and the day's file of the prediction
     log under `log_dir` (default: `predictions_log` next to the database, the Settings layout).
 
     Returns metadata-ready values: rows, seconds, rows_per_s, peak_rss_mb (this process's peak
-    resident memory during the call), table, positives_flagged, model_version, day, duckdb_path,
-    log_path, and per-phase seconds (load_s, features_s, score_s, swap_s). `memory_limit` bounds
-    DuckDB (default: the store's duckdb_memory_limit, else 2GB); `chunk_rows` bounds the rows
-    scored at once. Raises FileNotFoundError if the day has no raw partition.
+    resident memory during the call), cpu_s (its CPU seconds, all threads), table, positives_flagged, model_version, day, duckdb_path,
+    log_path, scorer (how the model ran: "compiled+native", "compiled+sklearn" or
+    "reference+sklearn") with scorer_reasons, and per-phase seconds (load_s, features_s, score_s,
+    swap_s). `memory_limit` bounds DuckDB (default: the store's duckdb_memory_limit, else 2GB);
+    `chunk_rows` bounds the rows scored at once; `threads` the trees' threads (default: the
+    store's duckdb_threads, else the CPUs this process may use); `path="reference"` scores with
+    `assemble_features` + `LoadedModel.predict_proba` only. Raises FileNotFoundError if the day
+    has no raw partition.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     day = as_day(day)
     duckdb_path = Path(duckdb_path).expanduser().resolve()
     files = raw_partition_files(store, day)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     reset_peak_rss()
     scored_at = datetime.now(UTC)
     contract = loaded_model.contract
+    if threads is None:
+        threads = getattr(store, "duckdb_threads", None) or len(os.sched_getaffinity(0))
+    scorer = ChunkScorer(loaded_model, threads=threads, path=path)
     staging_dir = duckdb_path.parent / f".{duckdb_path.name}.staging"
     staging_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(staging_dir)
@@ -142,22 +145,40 @@ def score_partition(
     try:
         with contextlib.closing(_staging_connection(store, staging, memory_limit)) as con:
             t = time.perf_counter()
-            rows = _load_events(con, files, contract.request_columns)
+            events_sql, rows, event_columns = events_relation(con, files, contract.request_columns)
             timings["load_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            looked_up_tables = _stage_point_in_time_features(con, store, contract.feature_refs)
+            staged = stage_features(con, store, contract.feature_refs, events_sql)
             timings["features_s"] = time.perf_counter() - t
             t = time.perf_counter()
             con.execute(f"CREATE TABLE {PREDICTIONS_TABLE} ({columns_sql(PREDICTION_COLUMNS)})")
-            flagged = 0
-            for events, looked_up in _chunks(con, looked_up_tables, rows, chunk_rows):
-                predictions, frame, latency_ms = _score_chunk(loaded_model, events, looked_up, day, scored_at)
-                # the chunk's log rows are built and written in the writer's thread while the next chunk scores
-                log.write_built(batch_log_rows, loaded_model, predictions, events, frame, scored_at, latency_ms)
-                flagged += int(pc.sum(predictions.column("decision")).as_py() or 0)
-                con.register("chunk_predictions", predictions)
-                con.execute(f"INSERT INTO {PREDICTIONS_TABLE} SELECT * FROM chunk_predictions")
-                con.unregister("chunk_predictions")
+            # the joins are done: the scoring's chunks, not DuckDB's cache, get the memory from here on
+            _lower_memory_limit(con, SCORING_MEMORY_LIMIT)
+            flagged = scored_rows = 0
+            chunks = chunk_reader(con, events_sql, event_columns, staged, chunk_rows)
+            # DuckDB reads the next chunk and stages the last one's rows while this thread scores
+            with contextlib.closing(con.cursor()) as writer, _Background() as staging_rows:
+                for batch in _prefetched(chunks):
+                    scored = scorer.score(batch)
+                    predictions = prediction_rows(loaded_model, batch, scored.scores, day, scored_at)
+                    # the chunk's log rows are built and written in the log's thread while the next chunk scores
+                    log.write_built(
+                        log_rows,
+                        loaded_model,
+                        scorer.name,
+                        predictions,
+                        batch,
+                        scored.inputs,
+                        scored_at,
+                        scored.latency_ms,
+                    )
+                    flagged += int(pc.sum(predictions.column("decision")).as_py() or 0)
+                    scored_rows += predictions.num_rows
+                    staging_rows.submit(_insert_predictions, writer, predictions)
+            if scored_rows != rows:
+                raise RuntimeError(
+                    f"scored {scored_rows} of the day's {rows} events; this is a bug in batch scoring"
+                )
             timings["score_s"] = time.perf_counter() - t
             con.execute("CHECKPOINT")
         seconds_before_swap = time.perf_counter() - started
@@ -186,6 +207,7 @@ def score_partition(
         "rows": rows,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+        "cpu_s": round(time.process_time() - cpu_started, 3),  # this process's CPU time, every thread
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "table": PREDICTIONS_TABLE,
         "duckdb_path": str(duckdb_path),
@@ -193,6 +215,9 @@ def score_partition(
         "positives_flagged": flagged,
         "model_version": int(loaded_model.version),
         "decision_threshold": float(contract.decision_threshold),
+        "scorer": scorer.name,
+        "scorer_reasons": list(scorer.reasons),
+        "threads": int(threads),
         **{k: round(v, 3) for k, v in timings.items()},
     }
 
@@ -221,13 +246,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# --------------------------------------------------------------------------- staging
-
-
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark, so peak_rss_mb() measures this call (Linux only)."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+
+
+# --------------------------------------------------------------------------- staging
 
 
 def _staging_connection(store, path: Path, memory_limit: str | None) -> duckdb.DuckDBPyConnection:
@@ -243,6 +268,82 @@ def _staging_connection(store, path: Path, memory_limit: str | None) -> duckdb.D
     return con
 
 
+_UNITS = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def _memory_limit_bytes(con) -> float:
+    """The connection's memory_limit in bytes (DuckDB reports it as e.g. '1.8 GiB')."""
+    value, unit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0].split()
+    return float(value) * _UNITS[unit]
+
+
+def _lower_memory_limit(con, limit: str) -> None:
+    """Set DuckDB's memory_limit to `limit` unless it is already lower."""
+    before = _memory_limit_bytes(con)
+    con.execute(f"SET memory_limit = {offline.quote_literal(limit)}")
+    if _memory_limit_bytes(con) > before:
+        con.execute(f"SET memory_limit = '{int(before)}B'")
+
+
+def _insert_predictions(con, predictions) -> None:
+    con.register("chunk_predictions", predictions)
+    try:
+        con.execute(f"INSERT INTO {PREDICTIONS_TABLE} SELECT * FROM chunk_predictions")
+    finally:
+        con.unregister("chunk_predictions")
+
+
+class _Background:
+    """One task at a time in a worker thread: `submit` waits for the previous task first (so one
+    chunk is in flight) and raises its error; leaving the block waits for the last one."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-stage")
+        self._pending: Future | None = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            elif self._pending is not None:
+                with contextlib.suppress(BaseException):
+                    self._pending.result()
+        finally:
+            self._pool.shutdown()
+
+
+def _prefetched(items: Iterator) -> Iterator:
+    """`items`, each produced in a worker thread while the caller works on the previous one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-read") as pool:
+        it = iter(items)
+        sentinel = object()
+        ahead = [pool.submit(next, it, sentinel) for _ in range(1)]
+        try:
+            while True:
+                item = ahead.pop(0).result()
+                if item is sentinel:
+                    return
+                ahead.append(pool.submit(next, it, sentinel))
+                yield item
+        finally:
+            for f in ahead:
+                f.cancel()
+                with contextlib.suppress(BaseException):
+                    f.result()
+
+
 def _remove_stale_staging(staging_dir: Path, older_than: timedelta = timedelta(days=1)) -> None:
     """Delete staging files a killed run left behind (a live run finishes well within a day)."""
     cutoff = time.time() - older_than.total_seconds()
@@ -250,131 +351,3 @@ def _remove_stale_staging(staging_dir: Path, older_than: timedelta = timedelta(d
         with contextlib.suppress(OSError):
             if path.stat().st_mtime < cutoff:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _load_events(con, files: list[Path], request_columns: Sequence[str]) -> int:
-    """Copy the day's events into the staging table, numbered 0..n-1 in file order."""
-    needed = list(dict.fromkeys([TRANSACTION_ID, "user_id", "merchant_id", *request_columns, fr.EVENT_TS]))
-    paths = [str(f) for f in files]
-    scan = f"read_parquet([{', '.join(offline.quote_literal(p) for p in paths)}], filename = true, file_row_number = true)"
-    available = offline.relation_columns(con, scan, what=f"raw transactions {files[0].parent}")
-    offline.require_columns(
-        available,
-        needed,
-        what=f"raw transactions {files[0].parent}",
-        hint="The raw data contract is documented in ml_platform/sources.",
-    )
-    # Row number = rows of the files before + row number within the file: no sort, no window.
-    bases, total = [], 0
-    for path in paths:
-        bases.append(f"WHEN {offline.quote_literal(path)} THEN {total}")
-        total += pq.ParquetFile(path).metadata.num_rows
-    base = f"CASE filename {' '.join(bases)} END"
-    cols = ", ".join(offline.quote_identifier(c) for c in needed)
-    con.execute(f"CREATE TABLE {_EVENTS} AS SELECT {base} + file_row_number AS {_ROW}, {cols} FROM {scan}")
-    required = [TRANSACTION_ID, "user_id", "merchant_id", fr.EVENT_TS]
-    checks = ", ".join(f"count(*) FILTER (WHERE {offline.quote_identifier(c)} IS NULL)" for c in required)
-    nulls = dict(zip(required, con.execute(f"SELECT {checks} FROM {_EVENTS}").fetchall()[0]))
-    bad = {c: n for c, n in nulls.items() if n}
-    if bad:
-        raise ValueError(
-            f"raw transactions {files[0].parent} have NULLs in required columns {bad} (column: rows); "
-            "fix the partition (the validation asset names the rows) and score again"
-        )
-    return total
-
-
-def _stage_point_in_time_features(con, store, feature_refs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Run the offline point-in-time join for every event of the day, one feature view at a time,
-    into staging tables ordered by row. Returns [(table, feature columns), ...]."""
-    by_view: dict[str, list[str]] = {}
-    for ref in feature_refs:
-        view_name, feature = parse_feature_ref(ref)
-        by_view.setdefault(view_name, []).append(feature)
-    if not by_view:
-        return []
-    views = [store.get_feature_view(name) for name in by_view]
-    for view, features in zip(views, by_view.values()):
-        unknown = [f for f in features if f not in view.feature_names]
-        if unknown:
-            raise ValueError(
-                f"the model reads {unknown} from feature view {view.name!r}, which has {view.feature_names}; "
-                "the model was trained on another definition of the view: retrain or restore the view"
-            )
-    keys = list(dict.fromkeys(k for v in views for k in v.join_keys))
-    lookup_ts = f"CAST({fr.EVENT_TS} AS TIMESTAMPTZ) - {offline.interval_sql(fr.FEATURE_LOOKUP_OFFSET)}"
-    con.execute(
-        f"CREATE TEMP VIEW {_ENTITY_TABLE} AS SELECT {_ROW} AS {_ENTITY_ROW_ID}, "
-        f"{', '.join(offline.quote_identifier(k) for k in keys)}, {lookup_ts} AS {offline.ENTITY_TS} FROM {_EVENTS}"
-    )
-    staged = []
-    for i, (view, features) in enumerate(zip(views, by_view.values())):
-        # The store's own normalized view of the feature table (checks it is materialized and
-        # computed from the current definition), joined with the training-set SQL.
-        table = store.feature_table(con, view)
-        sql = offline.point_in_time_sql(table, [(f, f) for f in features])
-        name = f"features_{i}"
-        try:
-            con.execute(f"CREATE TABLE {name} AS SELECT * FROM ({sql}) ORDER BY {_ENTITY_ROW_ID}")
-        except duckdb.Error as exc:
-            raise RuntimeError(f"point-in-time join for feature view {view.name!r} failed: {exc}") from exc
-        staged.append((name, features))
-    return staged
-
-
-def _chunks(con, feature_tables, rows: int, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
-    """(events, looked-up features) for consecutive row ranges, both in row order."""
-    for lo in range(0, rows, chunk_rows):
-        params = {"lo": lo, "hi": lo + chunk_rows}
-        events = con.sql(
-            f"SELECT * FROM {_EVENTS} WHERE {_ROW} >= $lo AND {_ROW} < $hi ORDER BY {_ROW}", params=params
-        ).to_arrow_table()
-        row_ids = events.column(_ROW)
-        columns: dict[str, pa.ChunkedArray] = {}
-        for name, features in feature_tables:
-            part = con.sql(
-                f"SELECT * FROM {name} WHERE {_ENTITY_ROW_ID} >= $lo AND {_ENTITY_ROW_ID} < $hi "
-                f"ORDER BY {_ENTITY_ROW_ID}",
-                params=params,
-            ).to_arrow_table()
-            if not part.column(_ENTITY_ROW_ID).equals(row_ids):
-                raise RuntimeError(
-                    f"staged features {name} do not line up with the events of rows {lo}..{lo + chunk_rows}; "
-                    "this is a bug in batch scoring"
-                )
-            for f in features:
-                columns[f] = part.column(f)
-        looked_up = pa.table(columns).to_pandas(types_mapper=_NULLABLE.get)
-        yield events.drop_columns([_ROW]).to_pandas(), looked_up
-
-
-def _score_chunk(
-    loaded_model: LoadedModel, events: pd.DataFrame, looked_up: pd.DataFrame, day: date, scored_at: datetime
-) -> tuple[pa.Table, pd.DataFrame, float]:
-    """A chunk's rows of the predictions table, the frame it was scored from (assemble_features'),
-    and its scoring time per row in ms (request features + model: the log's `latency_ms`)."""
-    started = time.perf_counter()
-    frame = assemble_features(events, looked_up)
-    scores = np.asarray(loaded_model.predict_proba(frame), dtype=np.float64)
-    if len(scores) != len(events):
-        raise RuntimeError(
-            f"model v{loaded_model.version} returned {len(scores)} scores for {len(events)} rows"
-        )
-    latency_ms = (time.perf_counter() - started) * 1000.0 / max(len(events), 1)
-    n = len(events)
-    decisions = np.asarray(loaded_model.decide(scores), dtype=bool)
-    predictions = pa.table(
-        {
-            TRANSACTION_ID: pa.array(events[TRANSACTION_ID], pa.string()),
-            "user_id": pa.array(events["user_id"], pa.int64()),
-            "merchant_id": pa.array(events["merchant_id"], pa.int64()),
-            fr.EVENT_TS: pa.array(frame[fr.EVENT_TS], pa.timestamp("us", tz="UTC")),
-            "score": pa.array(scores),
-            "decision": pa.array(decisions),
-            "model_version": pa.array(np.full(n, int(loaded_model.version), dtype=np.int32)),
-            "scored_at": pa.array(np.full(n, to_us(scored_at), dtype=np.int64), pa.timestamp("us", tz="UTC")),
-            "day": pa.array(np.full(n, np.datetime64(day.isoformat(), "D"))).cast(pa.date32()),
-        },
-        schema=PREDICTIONS_SCHEMA,
-    )
-    return predictions, frame, latency_ms

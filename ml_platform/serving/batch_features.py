@@ -1,0 +1,193 @@
+"""Batch scoring's day-level point-in-time features, inside one staging DuckDB connection.
+
+* `events_relation`: the day's raw Parquet files as a relation numbered 0..n-1 in file order
+  (rows of the files before + the row number within the file: no sort, no copy).
+* `stage_features`: per feature view the model reads, the offline store's own point-in-time SQL
+  (`offline.point_in_time_sql`, what `get_historical_features` runs for training sets) at
+  `features.feature_lookup_time(event_timestamp)`, over the store's checked feature table cut to
+  the rows that can answer the day: event time in [first lookup - ttl, last lookup]. A row older
+  than that is past the TTL of every lookup of the day (it would be answered null either way) and
+  a younger one is after every lookup, so the answers do not change. Each view's answers are
+  stored ordered by row number; a view with no rows in that range answers null without a join.
+* `chunk_reader`: the events and every view's answers side by side (DuckDB's POSITIONAL JOIN of
+  relations that are all in row order), streamed in Arrow batches of `chunk_rows`, each checked
+  to line up (the row numbers of every view equal the events').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ml_platform import features as fr
+from ml_platform.featurestore import offline
+from ml_platform.featurestore.definitions import parse_feature_ref
+from ml_platform.serving.predictions_db import TRANSACTION_ID
+
+ROW = "__row"  # the events' row number (file order)
+EVENT_US = "__event_us"  # the event time as int64 µs since the epoch, UTC
+ENTITY_VIEW = offline.ENTITY_TABLE  # the entity-rows relation point_in_time_sql joins from
+ENTITY_ROW_ID = offline.ROW_ID
+REQUIRED = (TRANSACTION_ID, "user_id", "merchant_id", fr.EVENT_TS)
+
+
+@dataclass(frozen=True)
+class StagedView:
+    """One feature view's answers for the day: `table` (ordered by row number) or None when the
+    view had no row that could answer (every answer null), its features and their DuckDB types."""
+
+    view: str
+    table: str | None
+    features: tuple[str, ...]
+    types: tuple[str, ...]
+
+
+def events_relation(con, files: Sequence[Path], request_columns: Sequence[str]) -> tuple[str, int, list[str]]:
+    """(SQL of the day's events numbered in file order, number of rows, columns read). Checks the
+    columns exist and that the required ones hold no NULL (ValueError naming them)."""
+    what = f"raw transactions {files[0].parent}"
+    needed = list(dict.fromkeys([*REQUIRED, *request_columns]))
+    paths = [str(f) for f in files]
+    scan = f"read_parquet([{', '.join(offline.quote_literal(p) for p in paths)}], filename = true, file_row_number = true)"
+    available = offline.relation_columns(con, scan, what=what)
+    offline.require_columns(
+        available, needed, what=what, hint="The raw data contract is documented in ml_platform/sources."
+    )
+    bases, total = [], 0
+    for path in paths:
+        bases.append(f"WHEN {offline.quote_literal(path)} THEN {total}")
+        total += pq.ParquetFile(path).metadata.num_rows
+    base = f"CASE filename {' '.join(bases)} END"
+    ts = f"CAST({offline.quote_identifier(fr.EVENT_TS)} AS TIMESTAMPTZ)"
+    cols = ", ".join(
+        f"{ts} AS {fr.EVENT_TS}" if c == fr.EVENT_TS else offline.quote_identifier(c) for c in needed
+    )
+    sql = f"(SELECT {base} + file_row_number AS {ROW}, {cols}, epoch_us({ts}) AS {EVENT_US} FROM {scan})"
+    checks = ", ".join(f"count(*) FILTER (WHERE {offline.quote_identifier(c)} IS NULL)" for c in REQUIRED)
+    nulls = dict(zip(REQUIRED, con.execute(f"SELECT {checks} FROM {sql}").fetchall()[0]))
+    bad = {c: n for c, n in nulls.items() if n}
+    if bad:
+        raise ValueError(
+            f"{what} has NULLs in required columns {bad} (column: rows); fix the partition (the "
+            "validation asset names the rows) and score again"
+        )
+    return sql, total, needed
+
+
+def stage_features(con, store, feature_refs: Sequence[str], events_sql: str) -> list[StagedView]:
+    """Run the point-in-time join of every view the refs read for all events of the day, into
+    staging tables in row order (see the module docstring)."""
+    by_view: dict[str, list[str]] = {}
+    for ref in feature_refs:
+        view_name, feature = parse_feature_ref(ref)
+        by_view.setdefault(view_name, []).append(feature)
+    if not by_view:
+        return []
+    views = [store.get_feature_view(name) for name in by_view]
+    for view, features in zip(views, by_view.values()):
+        unknown = [f for f in features if f not in view.feature_names]
+        if unknown:
+            raise ValueError(
+                f"the model reads {unknown} from feature view {view.name!r}, which has {view.feature_names}; "
+                "the model was trained on another definition of the view: retrain or restore the view"
+            )
+    keys = list(dict.fromkeys(k for v in views for k in v.join_keys))
+    lookup_ts = f"{fr.EVENT_TS} - {offline.interval_sql(fr.FEATURE_LOOKUP_OFFSET)}"
+    con.execute(
+        f"CREATE TEMP TABLE {ENTITY_VIEW} AS SELECT {ROW} AS {ENTITY_ROW_ID}, "
+        f"{', '.join(offline.quote_identifier(k) for k in keys)}, {lookup_ts} AS {offline.ENTITY_TS} FROM {events_sql}"
+    )
+    first, last = con.execute(
+        f"SELECT min({offline.ENTITY_TS}), max({offline.ENTITY_TS}) FROM {ENTITY_VIEW}"
+    ).fetchall()[0]
+    staged = []
+    for i, (view, features) in enumerate(zip(views, by_view.values())):
+        table = store.feature_table(con, view)  # checks it is materialized from the current definition
+        types = {f.name: f.dtype.duckdb_type for f in view.schema}
+        window = _answering_rows(table, first, last)
+        (count,) = con.execute(f"SELECT count(*) FROM {window.sql}").fetchall()[0]
+        name = None
+        if count:
+            name = f"features_{i}"
+            sql = offline.point_in_time_sql(window, [(f, f) for f in features])
+            try:
+                con.execute(f"CREATE TABLE {name} AS SELECT * FROM ({sql}) ORDER BY {ENTITY_ROW_ID}")
+            except duckdb.Error as exc:
+                raise RuntimeError(
+                    f"point-in-time join for feature view {view.name!r} failed: {exc}"
+                ) from exc
+        staged.append(StagedView(view.name, name, tuple(features), tuple(types[f] for f in features)))
+    return staged
+
+
+def _answering_rows(table: offline.FeatureTable, first, last) -> offline.FeatureTable:
+    """The feature table cut to the rows that can answer a lookup in [first, last]."""
+    if first is None:  # no events
+        return table
+    bounds = [f"{offline.FEATURE_TS} <= {_ts_literal(last)}"]
+    if table.view.ttl:
+        bounds.append(
+            f"{offline.FEATURE_TS} >= {_ts_literal(first)} - {offline.interval_sql(table.view.ttl)}"
+        )
+    sql = f"(SELECT * FROM {table.sql} WHERE {' AND '.join(bounds)})"
+    return offline.FeatureTable(table.view, sql, table.has_ties)
+
+
+def _ts_literal(value) -> str:
+    return f"{offline.quote_literal(value.isoformat())}::TIMESTAMPTZ"
+
+
+def chunk_reader(
+    con, events_sql: str, columns: Sequence[str], staged: Sequence[StagedView], chunk_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Batches of the events (`ROW`, `columns`, `EVENT_US`) with every staged feature column, in
+    row order, of `chunk_rows` rows (the last one shorter)."""
+    select = [f"e.{ROW}", *(f"e.{offline.quote_identifier(c)}" for c in columns), f"e.{EVENT_US}"]
+    joins, checks = [f"{events_sql} e"], []
+    for i, sv in enumerate(staged):
+        if sv.table is None:
+            select += [
+                f"CAST(NULL AS {t}) AS {offline.quote_identifier(f)}" for f, t in zip(sv.features, sv.types)
+            ]
+            continue
+        alias = f"f{i}"
+        joins.append(f"{sv.table} {alias}")
+        select += [f"{alias}.{offline.quote_identifier(f)}" for f in sv.features]
+        select.append(f"{alias}.{ENTITY_ROW_ID} AS __check_{i}")
+        checks.append((f"__check_{i}", sv.view))
+    sql = f"SELECT {', '.join(select)} FROM {' POSITIONAL JOIN '.join(joins)}"
+    reader = con.sql(sql).to_arrow_reader(chunk_rows)
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in reader:
+        pending.append(batch)
+        size += batch.num_rows
+        while size >= chunk_rows:
+            chunk, pending, size = _take(pending, chunk_rows)
+            yield _checked(chunk, checks)
+    if size:
+        yield _checked(pa.Table.from_batches(pending).combine_chunks().to_batches()[0], checks)
+
+
+def _take(batches: list[pa.RecordBatch], n: int) -> tuple[pa.RecordBatch, list[pa.RecordBatch], int]:
+    table = pa.Table.from_batches(batches)
+    head = table.slice(0, n).combine_chunks().to_batches()
+    rest = table.slice(n).to_batches()
+    return head[0], [b for b in rest if b.num_rows], table.num_rows - n
+
+
+def _checked(batch: pa.RecordBatch, checks: list[tuple[str, str]]) -> pa.RecordBatch:
+    rows = batch.column(ROW)
+    for column, view in checks:
+        if not batch.column(column).equals(rows):
+            raise RuntimeError(
+                f"staged features of view {view!r} do not line up with the events of rows "
+                f"{rows[0]}..{rows[-1]}; this is a bug in batch scoring"
+            )
+    names = [n for n in batch.schema.names if not n.startswith("__check_")]
+    return batch.select(names)
