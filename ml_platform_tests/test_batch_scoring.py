@@ -316,11 +316,11 @@ def test_native_trees_give_scikit_learns_probabilities_bit_for_bit(tiny_platform
     classifier = champion.model[-1]
     trees = batch_trees.NativeTrees.of(classifier)
     assert trees is not None, "no C compiler on this machine? (the fallback is tested below)"
-    assert trees._arrays["is_categorical"].any()  # the model has native categorical splits
+    nodes = np.concatenate([t.nodes for it in classifier._predictors for t in it])
+    assert nodes["is_categorical"].any()  # the model has native categorical splits
     X = model_matrix(champion, tiny_platform, days[0])
     rng = np.random.default_rng(3)
     odd = X[rng.integers(0, len(X), 3000)].copy()
-    nodes = np.concatenate([t.nodes for it in classifier._predictors for t in it])
     split = nodes[~nodes["is_leaf"].astype(bool) & ~nodes["is_categorical"].astype(bool)]
     picks = rng.integers(0, len(split), 1000)
     odd[np.arange(1000), split["feature_idx"][picks]] = split["num_threshold"][
@@ -338,6 +338,32 @@ def test_native_trees_give_scikit_learns_probabilities_bit_for_bit(tiny_platform
             got = trees.predict_proba(matrix, threads=threads)
             assert got.dtype == np.float64 and np.array_equal(got, want), (threads, np.abs(got - want).max())
         np.testing.assert_array_equal(trees.raw(matrix)[:, 0], classifier._raw_predict(matrix)[:, 0])
+
+
+@pytest.mark.parametrize("leaves", [64, 65])
+def test_native_trees_take_trees_of_up_to_64_leaves_exactly(leaves):
+    """64 leaves fill every bit of a tree's leaf mask (the lowest and the highest); 65 do not fit,
+    and the kernel declines (scikit-learn scores such a model)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(leaves)
+    X = rng.normal(size=(6000, 6))
+    X[:, 0] = rng.integers(0, 30, 6000)  # a categorical column
+    X[rng.random(X.shape) < 0.1] = np.nan
+    y = ((np.nan_to_num(X[:, 1]) + np.sin(3 * np.nan_to_num(X[:, 2])) + (X[:, 0] % 3 == 0)) > 0.5).astype(int)
+    classifier = HistGradientBoostingClassifier(
+        max_iter=20, max_leaf_nodes=leaves, min_samples_leaf=5, categorical_features=[0], random_state=0
+    ).fit(X, y)
+    trees = batch_trees.NativeTrees.of(classifier)
+    most = max(t.get_n_leaf_nodes() for it in classifier._predictors for t in it)
+    if leaves == 65:
+        assert most == 65 and trees is None
+        return
+    assert most == 64 and trees is not None
+    test = rng.normal(size=(3000, 6))
+    test[:, 0] = rng.integers(-2, 40, 3000)  # negative and unseen categories too
+    test[rng.random(test.shape) < 0.1] = np.nan
+    assert np.array_equal(trees.predict_proba(test, threads=2), classifier.predict_proba(test)[:, 1])
 
 
 def fitted_model(platform, contract, model_type: str, day: date, version: int) -> LoadedModel:
