@@ -281,10 +281,17 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ml_platform.featurestore.redis_cluster DIRECTORY [MASTERS]", file=sys.stderr)
         return 2
     cluster = LocalRedisCluster(argv[0], masters=int(argv[1]) if len(argv) > 1 else 3)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def _exit(signum, frame):  # a handler, not a blocked mask: the nodes would inherit the mask
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
     try:
         print(cluster.start(), flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
         cluster.stop()
     return 0
