@@ -38,6 +38,10 @@ def __getattr__(name: str):
         from ml_platform.featurestore.materialize_online import materialize
 
         return materialize
+    if name == "RedisClusterOnlineStore":
+        from ml_platform.featurestore.online.cluster_store import RedisClusterOnlineStore
+
+        return RedisClusterOnlineStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -49,6 +53,7 @@ __all__ = [
     "PRESENT",
     "OnlineStore",
     "OnlineStoreError",
+    "RedisClusterOnlineStore",
     "RedisOnlineStore",
     "ValueCodec",
     "ViewSchema",
