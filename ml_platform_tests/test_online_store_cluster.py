@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
-import threading
 import time
 import uuid
 from datetime import timedelta
@@ -308,57 +306,6 @@ def test_writes_survive_masters_losing_their_script_cache(cluster_client, redis_
     finally:
         store.delete_project()
         store.close()
-
-
-def test_views_of_different_join_keys_each_stay_one_version_while_a_writer_flips(cluster_client):
-    """A user view and a (user, merchant) view live in different buckets: a read while both are
-    rebuilt again and again must still get each view from one version (no mix within a view, no
-    missing entity); their relative order is not promised on a cluster (docs: "Redis Cluster")."""
-    user_view = wide_view("dk_user", 1)
-    user, merchant = Entity("user", join_keys=["user_id"]), Entity("merchant", join_keys=["merchant_id"])
-    pair = FeatureView("dk_pair", [user, merchant], FileSource("x.parquet"), schema=[Field("n", Int64)])
-    project = f"cluster_{uuid.uuid4().hex[:12]}"
-    writer = RedisOnlineStore(cluster_client, project=project, views=[user_view, pair])
-    reader = RedisOnlineStore(cluster_client, project=project, views=[user_view, pair])
-    ids = list(range(1000))
-
-    def pair_rows(g):
-        return [{"user_id": u, "merchant_id": u % 13, "event_timestamp": T0, "n": g} for u in ids]
-
-    probe = [{"user_id": u, "merchant_id": u % 13} for u in range(0, 1000, 7)]
-    try:
-        writer.write_view(user_view, wide_table(ids, 0.0, T0, 1))
-        writer.write_view(pair, pair_rows(0))
-        done, errors, seen = threading.Event(), [], set()
-
-        def flips():
-            try:
-                for g in range(1, 7):
-                    writer.write_view(user_view, wide_table(ids, float(g), T0, 1))
-                    writer.write_view(pair, pair_rows(g))
-            except Exception as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-            finally:
-                done.set()
-
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(1e-4)
-        thread = threading.Thread(target=flips)
-        thread.start()
-        try:
-            while not done.is_set():
-                out = reader.read(["dk_user:f00", "dk_pair:n"], probe, now=T0)
-                gen = check_snapshot(out, {"dk_user": "f00", "dk_pair": "n"})
-                seen.add((gen["dk_user"], gen["dk_pair"]))
-        finally:
-            thread.join()
-            sys.setswitchinterval(switch)
-        assert errors == []
-        assert len({u for u, _ in seen}) >= 3, f"too few generations seen: {sorted(seen)}"
-    finally:
-        writer.delete_project()
-        writer.close()
-        reader.close()
 
 
 def test_retired_versions_with_a_grace_period_are_reaped_from_every_bucket(cluster_client, redis_cluster):
