@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test ui bench clean-data
+.PHONY: install demo test test-production ui bench clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ml-platform demo $(ARGS)
 
-## The whole test suite (real MLflow/DuckDB in temp dirs; Redis on 127.0.0.1:6379 or REDIS_URL).
+## The whole test suite (real MLflow/DuckDB in temp dirs; Redis on 127.0.0.1:6379 or REDIS_URL), then
+## the integration tests again in the production profile (PostgreSQL on 127.0.0.1:5432, an MLflow
+## server, Redis ACL users). With ARGS (e.g. ARGS=ml_platform_tests/test_api.py) only pytest $(ARGS).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+ifeq ($(strip $(ARGS)),)
+	$(MAKE) --no-print-directory test-production
+endif
+
+## The integration tests (marker `integration`) in the production profile.
+test-production: $(STAMP)
+	ML_PLATFORM_TEST_PROFILE=production $(BIN)/python -m pytest -m integration $(PROD_ARGS)
 
 ## The Dagster web UI on http://127.0.0.1:3000 (DAGSTER_HOME under data/).
 ui: $(STAMP)

@@ -346,12 +346,13 @@ def ui(host: str, port: int) -> None:
 
 def _register_groups() -> None:
     from ml_platform.experiment_cli import experiment, rollout
-    from ml_platform.services_cli import mlflow_server, services
+    from ml_platform.services_cli import celery_worker, mlflow_server, services
 
     main.add_command(experiment)
     main.add_command(rollout)
     main.add_command(services)
     main.add_command(mlflow_server)
+    main.add_command(celery_worker)
 
 
 _register_groups()

@@ -95,3 +95,20 @@ def mlflow_server(host: str, port: int, workers: int) -> None:
     sys.stdout.flush()
     os.environ.update(cmd.env)
     os.execv(cmd.argv[0], cmd.argv)
+
+
+@click.command("celery-worker", short_help="Run a Celery worker for Dagster steps.")
+@click.option("--name", default=None, help="Worker name prefix (default ml-platform).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def celery_worker(name: str | None, loglevel: str) -> None:
+    """A Celery worker executing Dagster steps (ML_PLATFORM_EXECUTOR=celery) from the broker at
+    ML_PLATFORM_CELERY_BROKER_URL, one at a time; it needs the same environment (data directory,
+    DAGSTER_HOME and its instance, MLflow, Redis) as the runs."""
+    from ml_platform.celery_worker import worker_command
+    from ml_platform.dagster_home import prepare_dagster_home
+
+    settings = load_settings()
+    prepare_dagster_home(settings)
+    cmd = worker_command(settings, name=name, loglevel=loglevel)
+    os.environ.update(cmd.env)
+    os.execv(cmd.argv[0], cmd.argv)

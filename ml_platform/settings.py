@@ -44,6 +44,7 @@ DEFAULT_STREAM_GROUP = "scorers"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_UI_PORT = 3000
 PREDICTIONS_DB_NAME = "predictions.duckdb"  # batch predictions, under the data directory
+DEFAULT_CELERY_BROKER_URL = "pyamqp://guest@127.0.0.1:5672//"  # RabbitMQ on this machine
 # An embedded Redis with no client for this long stops itself; the next use starts it again.
 DEFAULT_EMBEDDED_REDIS_IDLE_S = 1800.0
 # The variable dagster.yaml reads the instance's PostgreSQL URL from (`{env: ...}`): the password
@@ -119,6 +120,12 @@ class Settings(BaseSettings):
     # keeps artifacts (a directory, s3://..., gs://...); clients reach both through the server.
     mlflow_backend_store_uri: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_BACKEND_STORE_URI")
     mlflow_artifact_root: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_ARTIFACT_ROOT")
+    # Where a job's steps run: unset, Dagster's default (the CLI's runs in its own process, the UI's
+    # in subprocesses); "celery": on Celery workers (`ml-platform celery-worker`) over the broker.
+    executor: Literal["in_process", "multiprocess", "celery"] | None = Field(
+        default=None, validation_alias="ML_PLATFORM_EXECUTOR")
+    celery_broker_url: str = Field(default=DEFAULT_CELERY_BROKER_URL, validation_alias="ML_PLATFORM_CELERY_BROKER_URL")
+    celery_backend_url: str = Field(default="rpc://", validation_alias="ML_PLATFORM_CELERY_BACKEND_URL")
     # The embedded Redis stops itself after this long with no client (0: never); it starts again on use.
     embedded_redis_idle_s: float = Field(default=DEFAULT_EMBEDDED_REDIS_IDLE_S, ge=0, validation_alias="ML_PLATFORM_EMBEDDED_REDIS_IDLE_S")
     # The HTTP API's bearer token: once set, every mutating endpoint requires it.
@@ -126,7 +133,7 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", "labels_path",
                      "monitoring_config", "cost_config", "api_metrics_url", "dagster_postgres_url",
-                     "mlflow_backend_store_uri", "mlflow_artifact_root", "api_token", mode="before")
+                     "mlflow_backend_store_uri", "mlflow_artifact_root", "api_token", "executor", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -174,7 +181,8 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret these settings hold (URL passwords, the API token): what must never be logged."""
         found = [url_secret(u) for u in (self.redis_url, self.mlflow_tracking_uri, self.dagster_postgres_url,
-                                         self.mlflow_backend_store_uri)]
+                                         self.mlflow_backend_store_uri, self.celery_broker_url,
+                                         self.celery_backend_url)]
         return [s for s in [*found, self.api_token_value] if s]
 
     @classmethod

@@ -244,6 +244,21 @@ def build_tiny_platform(
     )
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set, restored on exit (a module-scoped monkeypatch)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def tiny_platform(request, tmp_path_factory):
     """A module's own tiny platform (its own MLflow store and Redis project), cleaned up after. With
@@ -258,6 +273,8 @@ def tiny_platform(request, tmp_path_factory):
             admin = redis.Redis.from_url(TEST_REDIS_URL)
             stack.callback(admin.close)
             tenant = stack.enter_context(production_tenant(admin, server.url, prefix="test_serving"))
+            # as a deployment has them: Dagster's resources refer to the variables (never the values)
+            stack.enter_context(environment({"REDIS_URL": tenant.redis_url, "MLFLOW_TRACKING_URI": tenant.mlflow_url}))
         platform = build_tiny_platform(tmp_path_factory.mktemp("platform"), tenant=tenant)
         try:
             yield platform
@@ -322,7 +339,8 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> Self:
+    def start(self, timeout: float = 60.0, ready_path: str = "/health/ready") -> Self:
+        """Start and wait until `ready_path` answers 200 (/health: up, whether ready or not)."""
         import httpx
 
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -346,7 +364,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
             try:
-                if httpx.get(self.url + "/health/ready", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + ready_path, timeout=1.0).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -388,6 +406,12 @@ class TcpProxy:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def url_for(self, redis_url: str) -> str:
+        """`redis_url` (its user, password and db) through this proxy."""
+        from urllib.parse import urlsplit
+
+        return redis_url.replace(urlsplit(redis_url).netloc.rpartition("@")[2], f"127.0.0.1:{self.port}", 1)
 
     def start(self) -> Self:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

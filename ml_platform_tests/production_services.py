@@ -69,10 +69,12 @@ def dump_database(name: str) -> str:
 
 
 def create_acl_user(admin: redis.Redis, project: str) -> str:
-    """A Redis ACL user that may use only keys and channels under `project:`; its URL."""
+    """A Redis ACL user that may use only keys and channels starting with `project` (the platform's
+    `project:` prefix, and the sibling projects `project-...` some tests make), no admin commands;
+    its URL."""
     password = "rd-" + secrets.token_urlsafe(18)
-    admin.execute_command("ACL", "SETUSER", project, "reset", "on", f">{password}", f"~{project}:*",
-                          f"&{project}:*", "+@all", "-@admin")
+    admin.execute_command("ACL", "SETUSER", project, "reset", "on", f">{password}", f"~{project}*",
+                          f"&{project}*", "+@all", "-@admin")
     kwargs = admin.connection_pool.connection_kwargs
     return f"redis://{project}:{password}@{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
 

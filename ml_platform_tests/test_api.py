@@ -22,6 +22,9 @@ from ml_platform.serving.prediction_log_drain import drain_prediction_log
 from ml_platform.serving.prediction_log_reader import read_prediction_log
 from ml_platform.serving.scoring import assemble_features
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 try:  # ml_platform_tests on sys.path (rootdir conftest) or imported as a package
     from fixtures_platform import TcpProxy, serving_settings, tiny_platform
 except ImportError:
@@ -258,7 +261,7 @@ def _metric(text: str, name: str, default: float | None = None) -> float:
 
 def test_redis_outage_is_a_503_and_the_service_recovers_by_itself(tiny_platform):
     proxy = TcpProxy()  # not started: the port refuses connections (Redis down)
-    settings = serving_settings(tiny_platform.root, tiny_platform.project, redis_url=proxy.url)
+    settings = tiny_platform.settings.model_copy(update={"redis_url": proxy.url_for(tiny_platform.settings.redis_url)})
     body = tiny_platform.transaction()
     app = create_app(settings, ServingConfig(poll_interval_s=60))
     try:

@@ -11,6 +11,9 @@ from pydantic import SecretStr
 from ml_platform.serving.api import ServingConfig, create_app
 from ml_platform.serving.api.testing import InProcessClient
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 TOKEN = "t0k-" + "x" * 28
 FEEDBACK = {"prediction_id": "never-made", "reward": 1}
 

@@ -14,6 +14,9 @@ from ml_platform.registry import CHAMPION
 from ml_platform.serving.api import ServingConfig, create_app
 from ml_platform.serving.api.testing import InProcessClient
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 try:  # ml_platform_tests on sys.path (rootdir conftest) or imported as a package
     from fixtures_platform import tiny_platform
 except ImportError:
@@ -169,7 +172,14 @@ def _register_unloadable_version(registry, root) -> int:
         "flavors:\n  sklearn:\n    pickled_model: model.pkl\n    serialization_format: pickle\n"
     )
     (artifacts / "model.pkl").write_bytes(b"not a model")
-    created = registry.client.create_model_version(name=registry.model_name, source=str(artifacts))
+    # logged into a run, as a tracking server requires of a version's source (a SQLite store does not)
+    experiment = registry.client.get_experiment_by_name(registry.model_name) or registry.client.search_experiments()[0]
+    run = registry.client.create_run(experiment.experiment_id)
+    registry.client.log_artifacts(run.info.run_id, str(artifacts), "broken_model")
+    registry.client.set_terminated(run.info.run_id)
+    created = registry.client.create_model_version(
+        name=registry.model_name, source=f"runs:/{run.info.run_id}/broken_model", run_id=run.info.run_id
+    )
     return int(created.version)
 
 

@@ -19,7 +19,7 @@ except ImportError:  # ml_platform_tests imported as a package
     from ml_platform_tests.fixtures_platform import TEST_REDIS_URL, delete_project_keys
 
 CLI = Path(sys.executable).parent / "ml-platform"  # the venv's console script
-COMMANDS = {"demo", "experiment", "mlflow-server", "monitor", "publish", "rollback", "rollout", "serve", "services",
+COMMANDS = {"celery-worker", "demo", "experiment", "mlflow-server", "monitor", "publish", "rollback", "rollout", "serve", "services",
             "stream", "ui"}
 
 

@@ -14,6 +14,9 @@ from ml_platform.experiments.config import ExperimentConfig
 from ml_platform.experiments.manage import start_experiment
 from ml_platform.serving.prediction_log import ENTRY_FIELD, prediction_stream_key
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 try:
     from fixtures_platform import experiment_api, tiny_platform
 except ImportError:
@@ -138,7 +141,8 @@ def test_bad_feedback_is_refused_clearly_and_counted(api, tiny_platform, experim
 
 
 def test_an_experiment_naming_an_unregistered_version_is_refused(api, tiny_platform, experiments):
-    with pytest.raises(ValueError, match=r"arms.v9: version 9 is not registered under model 'fraud_detector'"):
+    model = tiny_platform.settings.model_name
+    with pytest.raises(ValueError, match=rf"arms.v9: version 9 is not registered under model '{model}'"):
         start_experiment(experiments, tiny_platform.registry, ExperimentConfig(name="bad", arms={"v9": 9}), who="t")
     with pytest.raises(ValueError, match="shadow_version: version 7 is not registered"):
         start_experiment(experiments, tiny_platform.registry,

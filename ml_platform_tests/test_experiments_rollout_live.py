@@ -23,6 +23,9 @@ from ml_platform.experiments.manage import RolloutControl
 from ml_platform.experiments.rollout import COMPLETED, ROLLED_BACK, Guardrails, RolloutPlan, Stage
 from ml_platform.registry import CHAMPION, PREVIOUS_CHAMPION
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 try:
     from fixtures_platform import experiment_api, tiny_platform
 except ImportError:

@@ -15,6 +15,9 @@ from ml_platform.registry import CHAMPION, PREVIOUS_CHAMPION
 from ml_platform.serving.champion import alias_versions
 from ml_platform.serving.prediction_log import ENTRY_FIELD, prediction_stream_key
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 try:
     from fixtures_platform import ServerProcess, tiny_platform
 except ImportError:

@@ -34,6 +34,9 @@ from ml_platform.serving.stream import (
 from ml_platform.serving.stream.emit import pack_fields, utc_iso_column
 from ml_platform.sources.generator import GeneratorConfig, generate_day, write_partition
 
+# Run a second time in the production profile (make test-production).
+pytestmark = pytest.mark.integration
+
 try:
     from fixtures_platform import SMALL_CONFIG, tiny_platform
 except ImportError:  # imported as a package

@@ -3,6 +3,7 @@
 
 import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -10,6 +11,7 @@ from ml_platform.defs import assets as a
 from ml_platform.defs import cost as c
 from ml_platform.defs import experiments as x
 from ml_platform.defs import monitoring as m
+from ml_platform.defs.executors import executor_for, runs_out_of_process
 from ml_platform.defs.resources import MLflowRegistryResource, default_resources
 from ml_platform.defs.sensors import retrain_sensor
 from ml_platform.settings import Settings, load_settings
@@ -138,6 +140,7 @@ def build_definitions(settings: Settings | None = None, event_source: dict | Non
         schedules=[daily_scoring_schedule, drain_prediction_log_schedule, cost_reporting_schedule],
         sensors=[monitor_after_scoring, retrain_sensor, *x.EXPERIMENT_SENSORS],
         resources=default_resources(settings, **overrides),
+        executor=executor_for(settings),
     )
 
 
@@ -180,16 +183,8 @@ def run_training_pipeline(
 ) -> PipelineOutcome:
     """Run `training_pipeline` in this process for the daily partitions start..end (one run),
     recorded in the Dagster instance at DAGSTER_HOME so it shows in the UI afterwards."""
-    defs = build_definitions(settings, event_source)
-    job = defs.resolve_job_def("training_pipeline")
-    instance = instance or dg.DagsterInstance.get()
-    result = job.execute_in_process(
-        instance=instance,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        tags={RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()},
-        raise_on_error=False,
-    )
-    return _outcome(result)
+    return _execute(settings, "training_pipeline", event_source, instance, log_level=log_level,
+                    tags={RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()})
 
 
 def run_daily_job(
@@ -205,24 +200,51 @@ def run_daily_job(
     """Run a daily-partitioned job (`daily_scoring`, `daily_monitoring`) in this process for one
     day (or, with `until`, the days day..until as one run: `daily_scoring`'s assets take a range),
     recorded in the Dagster instance at DAGSTER_HOME so it shows in the UI."""
-    defs = build_definitions(settings, event_source)
-    job = defs.resolve_job_def(job_name)
-    selected: dict = {"partition_key": day.isoformat()}
     if until is not None and until != day:
         selected = {"tags": {RANGE_START_TAG: day.isoformat(), RANGE_END_TAG: until.isoformat()}}
-    result = job.execute_in_process(
-        instance=instance or dg.DagsterInstance.get(),
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        raise_on_error=False,
-        **selected,
-    )
-    return _outcome(result, all_metadata=True, checks_fail=checks_fail)
+    else:
+        selected = {"partition_key": day.isoformat()}
+    return _execute(settings, job_name, event_source, instance, log_level=log_level, all_metadata=True,
+                    checks_fail=checks_fail, **selected)
 
 
 def run_monitoring(settings: Settings, day: dt.date, event_source: dict | None = None,
                    instance: dg.DagsterInstance | None = None) -> PipelineOutcome:
     """`daily_monitoring` for one day (see run_daily_job)."""
     return run_daily_job(settings, "daily_monitoring", day, event_source, instance, checks_fail=False)
+
+
+def _execute(settings: Settings, job_name: str, event_source: dict | None, instance: dg.DagsterInstance | None, *,
+             log_level: str, tags: dict | None = None, partition_key: str | None = None,
+             all_metadata: bool = False, checks_fail: bool = True) -> PipelineOutcome:
+    """Run `job_name` and say what it did. With ML_PLATFORM_EXECUTOR=celery (or multiprocess) the
+    steps run in other processes, which load the definitions of `ml_platform.definitions` from
+    their own environment: the job is launched as a reconstructable job and the event source
+    overrides travel in the run config."""
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    instance = instance or dg.DagsterInstance.get()
+    if not runs_out_of_process(settings):
+        job = build_definitions(settings, event_source).resolve_job_def(job_name)
+        result = job.execute_in_process(instance=instance, run_config=run_config, tags=tags,
+                                        partition_key=partition_key, raise_on_error=False)
+        return _outcome(result, all_metadata=all_metadata, checks_fail=checks_fail)
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    env_settings = load_settings()
+    if env_settings.data_dir != settings.data_dir or env_settings.executor != settings.executor:
+        raise ValueError(
+            f"ML_PLATFORM_EXECUTOR={settings.executor}: the steps load the definitions from the environment, "
+            f"so run with the settings of the environment (data dir {env_settings.data_dir}, not {settings.data_dir})"
+        )
+    overrides = {k: v for k, v in (event_source or {}).items() if v is not None}
+    if overrides:
+        run_config["resources"] = {"event_source": {"config": overrides}}
+    all_tags = {**(tags or {}), **({"dagster/partition": partition_key} if partition_key else {})}
+    recon = ReconstructableRepository.for_module(
+        "ml_platform.definitions", "defs", working_directory=str(Path(__file__).resolve().parents[2])
+    ).get_reconstructable_job(job_name)
+    with dg.execute_job(recon, instance=instance, run_config=run_config, tags=all_tags, raise_on_error=False) as result:
+        return _outcome(result, all_metadata=all_metadata, checks_fail=checks_fail)
 
 
 def _outcome(result, all_metadata: bool = False, checks_fail: bool = True) -> PipelineOutcome:

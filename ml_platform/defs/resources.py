@@ -165,14 +165,15 @@ class MonitoringResource(dg.ConfigurableResource):
         return feature_store.paths.reports_dir
 
 
-def secret_reference(value: str | None, env_name: str):
-    """`value` as resource config Dagster may store: a URL with a password becomes a reference to
-    the environment variable it came from (`dg.EnvVar`: the run's snapshot in the instance's
-    database keeps the name, the step reads the value), any other value stays as it is."""
+def secret_reference(value: str | None, env_name: str, *, as_config: bool = False):
+    """`value` as config Dagster may store: a URL with a password becomes a reference to the
+    environment variable it came from (`dg.EnvVar` for a resource, `{"env": name}` for executor
+    config with `as_config`: the run's snapshot in the instance's database keeps the name, the
+    step reads the value), any other value stays as it is."""
     if not has_secret(value):
         return value
     if os.environ.get(env_name) == value:
-        return dg.EnvVar(env_name)
+        return {"env": env_name} if as_config else dg.EnvVar(env_name)
     raise ValueError(
         f"{redact_url(value)!r} carries a password but is not the value of {env_name}: set it in the "
         f"environment as {env_name}, so that Dagster records the variable's name and not the secret"

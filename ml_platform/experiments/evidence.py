@@ -107,15 +107,16 @@ def candidate_alerts(monitoring_dir: str | Path, candidate_version: int, day: st
 
 
 def gather_evidence(store: Any, settings: Any, name: str, state: Any, now: float | None = None) -> Evidence:
-    """The running rollout stage's Evidence from the platform `settings` point at: the API's
-    prediction log of the experiment since the stage began, the arms' rewards, the monitors."""
+    """The running rollout stage's Evidence from the platform `settings` point at (their directories)
+    and the store's project (whose API log stream it reads): the API's prediction log of the
+    experiment since the stage began, the arms' rewards, the monitors."""
     import time
     from datetime import UTC
 
     from ml_platform.serving.prediction_log import prediction_stream_key
 
     since = datetime.fromtimestamp(state.stage_started_at, UTC)
-    log = experiment_log(settings.predictions_log_dir, store.client, prediction_stream_key(settings.project), name, since)
+    log = experiment_log(settings.predictions_log_dir, store.client, prediction_stream_key(store.project), name, since)
     today = datetime.fromtimestamp(time.time() if now is None else now, UTC).date().isoformat()
     return stage_evidence(
         log,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,11 +326,13 @@ class ModelRegistry:
         dst.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
 
-    def load_model(self, alias_or_version: int | str) -> tuple[Any, ModelContract]:
+    def load_model(self, alias_or_version: int | str, copy_to: Path | None = None) -> tuple[Any, ModelContract]:
         """The scikit-learn model of a version (or alias) and its contract.
 
         The skops file is loaded with the platform's own type allow-list (TRUSTED_MODEL_TYPES);
-        a model holding any other type is refused rather than executed.
+        a model holding any other type is refused rather than executed. With `copy_to`, the
+        downloaded model directory (`model/`) and the contract (`contract.json`) are copied there
+        (a serving host's local copy, `serving.model_cache`).
         """
         version = self._resolve(alias_or_version)
         with tempfile.TemporaryDirectory() as tmp, fluent(self.tracking_uri):
@@ -337,7 +340,12 @@ class ModelRegistry:
                 mlflow.artifacts.download_artifacts(artifact_uri=self.model_uri(version), dst_path=tmp)
             )
             model = load_skops_model(local, f"{self.model_name} v{version}")
-        return model, self.get_contract(version)
+            if copy_to is not None:
+                shutil.copytree(local, Path(copy_to) / "model")
+        contract = self.get_contract(version)
+        if copy_to is not None:
+            (Path(copy_to) / "contract.json").write_text(contract.to_json())
+        return model, contract
 
     # --- where to find a version --------------------------------------------------------------
     def model_uri(self, version: int) -> str:

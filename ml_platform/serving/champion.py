@@ -49,15 +49,22 @@ def load_registered(registry, version_or_alias: int | str) -> LoadedModel:
     return LoadedModel(version=version, model=model, contract=contract, loaded_at=time.time())
 
 
-def load_version(registry, version: int, scorer: str = "auto"):
+def load_version(registry, version: int, scorer: str = "auto", copy_to=None):
     """A registered version ready to score: a `fast_scorer.ScoringPath` holding the LoadedModel.
 
     scorer="auto": compiled request features + treelite where each passes its parity check
     against scikit-learn, else the reference path; "treelite": the same, an error if treelite
-    cannot serve the model; "sklearn": the reference path only (`build_scoring_path`)."""
+    cannot serve the model; "sklearn": the reference path only (`build_scoring_path`). With
+    `copy_to`, the registry's artifacts are copied there too (`serving.model_cache`)."""
+    model, contract = (registry.load_model(int(version)) if copy_to is None
+                       else registry.load_model(int(version), copy_to=copy_to))
+    return scoring_path(int(version), model, contract, scorer)
+
+
+def scoring_path(version: int, model, contract, scorer: str = "auto"):
+    """A loaded model and its contract, ready to score (see load_version)."""
     from ml_platform.serving.fast_scorer import build_scoring_path
 
-    model, contract = registry.load_model(int(version))
     loaded = LoadedModel(version=int(version), model=model, contract=contract, loaded_at=time.time())
     return build_scoring_path(loaded, scorer=scorer)
 
@@ -119,6 +126,7 @@ class ChampionWatcher(Generic[M]):
         self.on_change = on_change
         self.aliases: dict[str, int] = {}
         self.last_error: str | None = None
+        self.poll_error: str | None = None  # the last poll's error (None: the registry answered)
         self.last_poll_at: float | None = None
         self._model: M | None = None
         self._version: int | None = None
@@ -143,9 +151,10 @@ class ChampionWatcher(Generic[M]):
             try:
                 self.aliases = alias_versions(self.registry)
             except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
-                self.last_error = f"registry poll failed: {type(exc).__name__}: {exc}"
+                self.last_error = self.poll_error = f"registry poll failed: {type(exc).__name__}: {exc}"
                 _log.warning(self.last_error)
                 return None
+            self.poll_error = None
             self.last_poll_at = time.time()
             target = self.aliases.get(self.alias)
             if target is None:
@@ -174,6 +183,15 @@ class ChampionWatcher(Generic[M]):
         if self.on_change is not None:
             self.on_change(change)
         return change
+
+    def adopt(self, model: M, version: int) -> bool:
+        """Serve `model` (version `version`) when nothing serves yet, e.g. a local copy while the
+        registry is unreachable; the next poll that reaches the registry follows the alias again."""
+        with self._lock:
+            if self._model is not None:
+                return False
+            self._model, self._version = model, int(version)
+            return True
 
     # ---- driving the polls
 

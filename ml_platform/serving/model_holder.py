@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ml_platform.registry import CHAMPION, PREVIOUS_CHAMPION
-from ml_platform.serving.champion import ChampionChange, ChampionWatcher, load_version
+from ml_platform.serving.champion import ChampionChange, ChampionWatcher, load_version, scoring_path
+from ml_platform.serving.model_cache import ModelCache
 from ml_platform.serving.scorer import ScoringPath
 
 _log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class ModelHolder:
     poll_interval_s: float = 1.0
     on_swap: Callable[[SwapEvent], None] | None = None
     pinned: Callable[[], set[int]] | None = None  # versions others serve (an experiment's arms): never evicted
+    cache: ModelCache | None = None  # the host's local copy of what it served (registry outage at start)
+    degraded: str | None = None  # why the model serving is not the registry's word (a local copy)
     previous: ServingModel | None = None
     swaps: list[SwapEvent] = field(default_factory=list)
     preload_error: str | None = None
@@ -126,7 +129,15 @@ class ModelHolder:
             return cached
         self._was_cached = False
         started = time.perf_counter()
-        serving = ServingModel(load_version(self.registry, version, self.scorer), time.time(), 0.0)
+        staged = self.cache.staging_dir() if self.cache is not None else None
+        try:
+            serving = ServingModel(load_version(self.registry, version, self.scorer, copy_to=staged), time.time(), 0.0)
+        except BaseException:
+            if staged is not None:
+                self.cache.discard(staged)
+            raise
+        if staged is not None:
+            self.cache.commit(version, staged)
         serving.load_seconds = time.perf_counter() - started
         _log.info("loaded model v%s in %.2f s (%s)", version, serving.load_seconds, serving.scoring.name)
         self._loaded[version] = serving
@@ -154,11 +165,37 @@ class ModelHolder:
         recorded in `last_error` and the current model keeps serving."""
         before = len(self.swaps)
         self.watcher.check_now()
+        if self.watcher.poll_error is None:
+            self.degraded = None
+        elif self.current is None:
+            self._serve_local_copy()
         self._preload_previous()
         return self.swaps[-1] if len(self.swaps) > before else None
 
+    def _serve_local_copy(self) -> None:
+        """The registry is unreachable and nothing serves: the alias's last version from the cache."""
+        if self.cache is None:
+            return
+        try:
+            cached = self.cache.load(self.alias)
+        except Exception as exc:  # noqa: BLE001 - a broken copy is reported, not served
+            self.degraded = f"{self.watcher.poll_error}; the local copy could not be loaded: {type(exc).__name__}: {exc}"
+            return
+        if cached is None:
+            return
+        serving = ServingModel(scoring_path(cached.version, cached.model, cached.contract, self.scorer), time.time(), 0.0)
+        if self.watcher.adopt(serving, cached.version):
+            with self._load_lock:
+                self._loaded[cached.version] = serving
+            age_h = (time.time() - cached.saved_at) / 3600
+            self.degraded = (f"{self.watcher.poll_error}; serving {self.alias} v{cached.version} from this host's "
+                             f"local copy (recorded {age_h:.1f} h ago) until the registry answers")
+            _log.warning(self.degraded)
+
     def _swapped(self, change: ChampionChange) -> None:
         self.previous = self._loaded.get(change.from_version) if change.from_version is not None else None
+        if self.cache is not None:
+            self.cache.point(self.alias, change.to_version)
         event = SwapEvent(
             from_version=change.from_version,
             to_version=change.to_version,
@@ -216,5 +253,6 @@ class ModelHolder:
             "last_poll_at": self.last_poll_at,
             "last_error": self.last_error,
             "preload_error": self.preload_error,
+            "degraded": self.degraded,
             "poll_interval_s": self.poll_interval_s,
         }

@@ -29,6 +29,7 @@ from ml_platform.serving.api.metrics import HttpMetricsMiddleware, ServingMetric
 from ml_platform.serving.api.routes import router
 from ml_platform.serving.api.security import BodyLimitMiddleware
 from ml_platform.serving.api.service import PredictionService, ServiceUnavailable
+from ml_platform.serving.model_cache import ModelCache
 from ml_platform.serving.model_holder import ModelHolder, SwapEvent
 from ml_platform.serving.prediction_log import PredictionLogWriter, prediction_stream_key
 from ml_platform.serving.shadow import ShadowScorer
@@ -186,6 +187,7 @@ def create_app(
             poll_interval_s=config.poll_interval_s,
             on_swap=on_swap,
             pinned=lambda: router.pinned_versions() if router is not None else set(),
+            cache=ModelCache(settings.data_dir / "model_cache", settings.model_name) if config.model_cache else None,
         )
         experiments = ExperimentStore(sync_client, settings.project, async_client)
         router = ExperimentRouter(experiments, holder.load, refresh_s=config.experiment_refresh_s)

@@ -29,6 +29,9 @@ class ServingConfig:
     # With ML_PLATFORM_API_TOKEN set: "mutating" asks for it on POST /feedback*, "all" on every
     # endpoint but health and metrics.
     auth_scope: str = "mutating"
+    # Keep a local copy of every model served, so a restart during a registry outage still serves
+    # the champion it served last (serving.model_cache).
+    model_cache: bool = True
     prediction_log: bool = True
     prediction_log_maxlen: int = DEFAULT_MAXLEN
     # The app owns its process (run_server sets this): freeze the start-up heap out of the garbage

@@ -108,7 +108,9 @@ async def health(request: Request) -> dict:
 
 @router.get("/health/ready", responses={503: {"description": "Not ready: see checks"}})
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: a model is loaded, Redis answers, the model's feature views are materialized."""
+    """Readiness: a model is loaded, Redis answers, the model's feature views are materialized
+    (503 otherwise); "degraded" (200) when it can score but the registry does not answer (a model
+    loaded before the outage, or this host's local copy: `reason` says which)."""
     state = state_of(request)
     current = state.holder.current
     checks: dict[str, dict] = {
@@ -137,10 +139,17 @@ async def ready(request: Request) -> JSONResponse:
         checks["online_store"] = {"ok": False, "error": "needs Redis and a model"}
     if state.log is not None:
         checks["prediction_log"] = {"ok": True, **state.log.status()}  # informative, never blocks
-    ok = all(c["ok"] for c in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
-    )
+    poll_error = state.holder.watcher.poll_error
+    checks["registry"] = {"ok": poll_error is None, "error": poll_error, "last_poll_at": state.holder.last_poll_at}
+    serving = all(c["ok"] for name, c in checks.items() if name != "registry")
+    if serving and checks["registry"]["ok"]:
+        return JSONResponse({"status": "ready", "checks": checks})
+    if serving:  # scoring works; the registry does not answer: no alias move will be seen
+        reason = state.holder.degraded or f"{poll_error}; serving v{current.version}, loaded before the outage"
+        return JSONResponse({"status": "degraded", "reason": reason, "checks": checks})
+    failing = [name for name, c in checks.items() if not c["ok"]]
+    return JSONResponse({"status": "not_ready", "reason": f"failing: {', '.join(failing)}", "checks": checks},
+                        status_code=503)
 
 
 @router.get("/model", dependencies=READ)

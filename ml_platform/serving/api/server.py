@@ -52,6 +52,10 @@ def run_server(
     import uvicorn
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # MLflow's HTTP client retries a dead tracking server for minutes by default: a server that
+    # starts during a registry outage must come up (degraded) in seconds, and a poll must fail fast.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     settings = settings or load_settings()
     config = dataclasses.replace(config or ServingConfig(), tune_process=True)
     _configure_logging(log_level)
