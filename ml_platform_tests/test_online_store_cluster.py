@@ -240,6 +240,8 @@ def test_a_flip_that_dies_half_committed_serves_the_new_version_and_is_rolled_fo
             for k in keys
         }
         assert versions == {b"3"}  # nothing left of v1 or v2
+        meta = cluster_client.hgetall(writer.meta_key("halfway"))
+        assert sorted(k for k in meta if k.startswith(b"schema:")) == [b"schema:3"]  # v1 retired too
     finally:
         writer.delete_project()
         for s in (writer, reader):

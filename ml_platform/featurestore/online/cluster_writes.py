@@ -113,13 +113,16 @@ class ClusterWrites:
             return
         v = to_text(version)
         unlink = b"1" if self.retire_grace_seconds <= 0 else b"0"
-        self._each_bucket(
+        replies = self._each_bucket(
             scripts.BUCKET_COMMIT,
             lambda b: (
                 [self.keys.ptr(b, view)],
                 [v.encode(), self.keys.data(b, view, v).encode(), fp or b"", unlink],
             ),
         )
+        # The dead writer never retired the version it replaced: do it now (schema, or grace).
+        for old in sorted({to_text(r[0]) for r in replies if r[0]} - {v}):
+            self._retire(view, old, "")
 
     def _check_layout(self, meta: str) -> None:
         recorded = self.client.hget(meta, "buckets")
