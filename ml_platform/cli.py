@@ -201,7 +201,11 @@ def serve(host: str, port: int, workers: int, scorer: str, log_level: str) -> No
               help=f"Events per read [default: ML_PLATFORM_STREAM_BATCH_SIZE, else {DEFAULT_STREAM_BATCH_SIZE}].")
 @click.option("--until-idle", is_flag=True, help="Stop once the input stream is drained (for batch replays).")
 @click.option("--no-seed", is_flag=True, help="Do not fold recent raw history into cold feature state.")
-def stream(group: str, consumer: str | None, batch_size: int | None, until_idle: bool, no_seed: bool) -> None:
+@click.option("--claim-idle-ms", type=click.IntRange(0), default=None,
+              help="Take over another worker's pending events idle this long: its worker died "
+              "[default: StreamConfig.claim_idle_ms].")
+def stream(group: str, consumer: str | None, batch_size: int | None, until_idle: bool, no_seed: bool,
+           claim_idle_ms: int | None) -> None:
     """Streaming prediction worker on Redis Streams (at-least-once, idempotent per event id)."""
     import logging
 
@@ -210,7 +214,8 @@ def stream(group: str, consumer: str | None, batch_size: int | None, until_idle:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
     config = StreamConfig(group=group, consumer=consumer, batch_size=batch_size or settings.stream_batch_size,
-                          seed_history=not no_seed)
+                          seed_history=not no_seed,
+                          **({} if claim_idle_ms is None else {"claim_idle_ms": claim_idle_ms}))
     names = stream_names(settings.project, config)
     click.echo(f"Reading {names.input} (group {group}) -> {names.output}; dead letters -> {names.dead_letter}")
     stats = run_worker(settings, config, until_idle=until_idle)

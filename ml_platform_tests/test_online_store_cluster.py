@@ -356,3 +356,24 @@ def test_a_client_with_another_bucket_count_refuses_instead_of_reading_nothing(c
         store.delete_project()
         store.close()
         other.close()
+
+
+def test_a_cluster_redis_url_in_the_settings_gives_the_platform_the_cluster_store(redis_cluster, tmp_path):
+    """REDIS_URL=redis+cluster://host:port is all a deployment changes: the platform's client
+    (redis_server.client_from_url, used by FeatureStore, the API and the stream worker) is a
+    RedisCluster and the online store built on it is the cluster store."""
+    from redis.cluster import RedisCluster
+
+    from ml_platform.featurestore.redis_server import redis_client
+    from ml_platform.settings import load_settings
+
+    url = "redis+cluster://" + redis_cluster.url.split("://", 1)[1]
+    settings = load_settings({"REDIS_URL": url, "ML_PLATFORM_DATA_DIR": str(tmp_path)})
+    client = redis_client(settings)
+    try:
+        assert isinstance(client, RedisCluster)
+        assert len(client.get_primaries()) == 3
+        store = RedisOnlineStore(client, project=f"t_{uuid.uuid4().hex[:8]}", views=[])
+        assert type(store).__name__ == "RedisClusterOnlineStore"
+    finally:
+        client.close()

@@ -46,7 +46,12 @@ START_TIMEOUT_S = 15.0
 
 
 def client_from_url(url: str, **overrides: Any) -> redis.Redis:
-    """A client for `url`: redis://[[user]:password@]host:port/db, rediss:// (TLS) or unix://."""
+    """A client for `url`: redis://[[user]:password@]host:port/db, rediss:// (TLS), unix://, or
+    redis+cluster:// / rediss+cluster:// (a Redis Cluster, any node's address: a RedisCluster)."""
+    from ml_platform.featurestore.redis_cluster import cluster_client_from_url, is_cluster_url
+
+    if is_cluster_url(url):
+        return cluster_client_from_url(url, **overrides)
     options = {**CLIENT_OPTIONS, **overrides}
     if url.startswith("unix://"):
         options.pop("socket_keepalive", None)
@@ -331,6 +336,10 @@ def async_redis_client(settings: Any, **overrides: Any):
     import redis.asyncio as aioredis
 
     url = resolve_redis_url(settings)
+    from ml_platform.featurestore.redis_cluster import async_cluster_client_from_url, is_cluster_url
+
+    if is_cluster_url(url):
+        return async_cluster_client_from_url(url, **overrides)
     options = {**CLIENT_OPTIONS, **overrides}
     if url.startswith("unix://"):
         options.pop("socket_keepalive", None)
