@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import redis
 
-from ml_platform.redaction import redact_url  # noqa: F401  (re-exported: the one redaction rule)
+from ml_platform.redaction import redact_url  # also re-exported: the one redaction rule
 from ml_platform.settings import DEFAULT_EMBEDDED_REDIS_IDLE_S
 
 # Connection settings for every client the platform makes: bytes in and out (the online store
