@@ -121,9 +121,12 @@ class Settings(BaseSettings):
     mlflow_backend_store_uri: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_BACKEND_STORE_URI")
     mlflow_artifact_root: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_ARTIFACT_ROOT")
     # Where a job's steps run: unset, Dagster's default (the CLI's runs in its own process, the UI's
-    # in subprocesses); "celery": on Celery workers (`ml-platform celery-worker`) over the broker.
-    executor: Literal["in_process", "multiprocess", "celery"] | None = Field(
+    # in subprocesses); "celery": on Celery workers (`ml-platform celery-worker`) over the broker;
+    # "k8s": each step a Kubernetes Job (dagster-k8s).
+    executor: Literal["in_process", "multiprocess", "celery", "k8s"] | None = Field(
         default=None, validation_alias="ML_PLATFORM_EXECUTOR")
+    # "k8s": the k8s_job_executor's config (YAML; deploy/k8s/executor.yaml is a worked example).
+    k8s_executor_config: Path | None = Field(default=None, validation_alias="ML_PLATFORM_K8S_EXECUTOR_CONFIG")
     celery_broker_url: str = Field(default=DEFAULT_CELERY_BROKER_URL, validation_alias="ML_PLATFORM_CELERY_BROKER_URL")
     celery_backend_url: str = Field(default="rpc://", validation_alias="ML_PLATFORM_CELERY_BACKEND_URL")
     # The embedded Redis stops itself after this long with no client (0: never); it starts again on use.
@@ -133,7 +136,8 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url", "mlflow_tracking_uri", "dagster_home", "events_path", "labels_path",
                      "monitoring_config", "cost_config", "api_metrics_url", "dagster_postgres_url",
-                     "mlflow_backend_store_uri", "mlflow_artifact_root", "api_token", "executor", mode="before")
+                     "mlflow_backend_store_uri", "mlflow_artifact_root", "api_token", "executor",
+                     "k8s_executor_config", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

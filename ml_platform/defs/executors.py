@@ -7,6 +7,8 @@ data directory and instance as the run (the same environment: README, "Scaling p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
 from ml_platform.defs.resources import secret_reference
@@ -21,6 +23,8 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition | None:
         return dg.in_process_executor
     if settings.executor == "multiprocess":
         return dg.multiprocess_executor
+    if settings.executor == "k8s":
+        return _k8s_executor(settings)
     from dagster_celery import celery_executor
 
     return celery_executor.configured({
@@ -29,6 +33,23 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition | None:
     })
 
 
+def _k8s_executor(settings: Settings) -> dg.ExecutorDefinition:
+    """dagster-k8s's k8s_job_executor with the YAML config at ML_PLATFORM_K8S_EXECUTOR_CONFIG,
+    checked here so that a wrong field is named when the definitions load."""
+    import yaml
+    from dagster._config import validate_config
+    from dagster_k8s import k8s_job_executor
+
+    path = settings.k8s_executor_config
+    if path is None:
+        raise ValueError("ML_PLATFORM_EXECUTOR=k8s needs ML_PLATFORM_K8S_EXECUTOR_CONFIG (e.g. deploy/k8s/executor.yaml)")
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    checked = validate_config(k8s_job_executor.config_schema.config_type, config)
+    if not checked.success:
+        raise ValueError(f"{path}: " + "; ".join(e.message for e in checked.errors))
+    return k8s_job_executor.configured(config)
+
+
 def runs_out_of_process(settings: Settings) -> bool:
     """True when the CLI must launch runs through a reconstructable job (steps in other processes)."""
-    return settings.executor in ("multiprocess", "celery")
+    return settings.executor in ("multiprocess", "celery", "k8s")
