@@ -114,7 +114,7 @@ def score_partition(
     resident memory during the call), cpu_s (its CPU seconds, all threads), table, positives_flagged, model_version, day, duckdb_path,
     log_path, scorer (how the model ran: "compiled+native", "compiled+sklearn" or
     "reference+sklearn") with scorer_reasons, and per-phase seconds (load_s, features_s, score_s,
-    swap_s). `memory_limit` bounds DuckDB (default: the store's duckdb_memory_limit, else 2GB);
+    swap_s; features_by_view_s; their CPU seconds in cpu_by_phase_s). `memory_limit` bounds DuckDB (default: the store's duckdb_memory_limit, else 2GB);
     `chunk_rows` bounds the rows scored at once; `threads` the trees' threads (default: the
     store's duckdb_threads, else the CPUs this process may use); `path="reference"` scores with
     `assemble_features` + `LoadedModel.predict_proba` only. Raises FileNotFoundError if the day
@@ -139,18 +139,21 @@ def score_partition(
     _remove_stale_staging(staging_dir)
     staging = staging_dir / f"{day.isoformat()}-{uuid.uuid4().hex[:12]}.duckdb"
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # the same phases' CPU seconds (all threads of the process)
     if log_dir is None:
         log_dir = Settings.model_construct(data_dir=duckdb_path.parent).predictions_log_dir
     log = DayFileWriter(day_dir(log_dir, "batch", day) / BATCH_FILE, batch_log_schema(contract))
     try:
         with contextlib.closing(_staging_connection(store, staging, memory_limit)) as con:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             events_sql, rows, event_columns = events_relation(con, files, contract.request_columns)
             timings["load_s"] = time.perf_counter() - t
-            t = time.perf_counter()
+            cpu["load_s"] = time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
             staged = stage_features(con, store, contract.feature_refs, events_sql)
             timings["features_s"] = time.perf_counter() - t
-            t = time.perf_counter()
+            cpu["features_s"] = time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
             con.execute(f"CREATE TABLE {PREDICTIONS_TABLE} ({columns_sql(PREDICTION_COLUMNS)})")
             # the joins are done: the scoring's chunks, not DuckDB's cache, get the memory from here on
             _lower_memory_limit(con, SCORING_MEMORY_LIMIT)
@@ -180,9 +183,10 @@ def score_partition(
                     f"scored {scored_rows} of the day's {rows} events; this is a bug in batch scoring"
                 )
             timings["score_s"] = time.perf_counter() - t
+            cpu["score_s"] = time.process_time() - c
             con.execute("CHECKPOINT")
         seconds_before_swap = time.perf_counter() - started
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         record = {
             "day": day,
             "rows": rows,
@@ -196,6 +200,7 @@ def score_partition(
         # database is let go (another run's swap of the day cannot come in between).
         log_path = swap_partition(duckdb_path, staging, record, lock_timeout_s, after_commit=log.commit)
         timings["swap_s"] = time.perf_counter() - t
+        cpu["swap_s"] = time.process_time() - c
     finally:
         log.discard()  # (after a commit: nothing left to discard)
         for leftover in (staging, staging.with_name(staging.name + ".wal")):
@@ -218,6 +223,8 @@ def score_partition(
         "scorer": scorer.name,
         "scorer_reasons": list(scorer.reasons),
         "threads": int(threads),
+        "features_by_view_s": {v.view: round(v.seconds, 3) for v in staged},
+        "cpu_by_phase_s": {k: round(v, 3) for k, v in cpu.items()},
         **{k: round(v, 3) for k, v in timings.items()},
     }
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class StagedView:
     table: str | None
     features: tuple[str, ...]
     types: tuple[str, ...]
+    seconds: float = 0.0  # the join's wall time
 
 
 def events_relation(con, files: Sequence[Path], request_columns: Sequence[str]) -> tuple[str, int, list[str]]:
@@ -107,6 +109,7 @@ def stage_features(con, store, feature_refs: Sequence[str], events_sql: str) -> 
     ).fetchall()[0]
     staged = []
     for i, (view, features) in enumerate(zip(views, by_view.values())):
+        started = time.perf_counter()
         table = store.feature_table(con, view)  # checks it is materialized from the current definition
         types = {f.name: f.dtype.duckdb_type for f in view.schema}
         window = _answering_rows(table, first, last)
@@ -121,7 +124,15 @@ def stage_features(con, store, feature_refs: Sequence[str], events_sql: str) -> 
                 raise RuntimeError(
                     f"point-in-time join for feature view {view.name!r} failed: {exc}"
                 ) from exc
-        staged.append(StagedView(view.name, name, tuple(features), tuple(types[f] for f in features)))
+        staged.append(
+            StagedView(
+                view.name,
+                name,
+                tuple(features),
+                tuple(types[f] for f in features),
+                time.perf_counter() - started,
+            )
+        )
     return staged
 
 
