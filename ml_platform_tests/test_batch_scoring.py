@@ -294,6 +294,13 @@ def test_a_day_without_raw_events_is_a_clear_error(tiny_platform, champion, tmp_
         score_partition(tiny_platform.store, champion, "yesterday", tmp_path / "p.duckdb")
     with pytest.raises(FileNotFoundError, match="score a day first"):
         read_predictions(tmp_path / "missing.duckdb")
+    day = "2026-01-01"
+    with pytest.raises(ValueError, match="threads must be >= 1 .*got 0"):
+        score_partition(tiny_platform.store, champion, day, tmp_path / "p.duckdb", threads=0)
+    with pytest.raises(ValueError, match=r"path must be one of \('auto', 'reference'\), got 'fast'"):
+        score_partition(tiny_platform.store, champion, day, tmp_path / "p.duckdb", path="fast")
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
+        score_partition(tiny_platform.store, champion, day, tmp_path / "p.duckdb", chunk_rows=0)
 
 
 # --------------------------------------------------------------------------- the compiled path

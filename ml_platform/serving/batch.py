@@ -122,6 +122,8 @@ def score_partition(
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be >= 1 (the trees' threads), got {threads}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     day = as_day(day)
