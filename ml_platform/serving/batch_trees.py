@@ -25,9 +25,9 @@ and code (or missing) the nodes that go right are listed in advance. Then, as sc
 So the scores are identical, not close: `NativeTrees.of` can check it on a sample before use
 (`batch_columns` checks it on the day's first chunk), and returns None where it cannot serve a
 model (no C compiler, another classifier, more than one tree per iteration, a tree of more than
-64 leaves): the caller then uses scikit-learn itself. The compiled library is cached in the temp
-directory under a hash of the source and flags (`-O2 -ffp-contract=off`: no fused or reordered
-arithmetic).
+64 leaves): the caller then uses scikit-learn itself. The compiled library is cached in a
+private directory of the user (<tmp>/ml_platform-<uid>, mode 0700) under a hash of the source and
+flags (`-O2 -ffp-contract=off`: no fused or reordered arithmetic).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ _library: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unava
 
 
 def _compiled() -> ctypes.CDLL | None:
-    """The kernel, compiled once per source and flags (cached in the temp directory)."""
+    """The kernel, compiled once per source and flags (cached in `_cache_dir()`)."""
     global _library
     with _lock:
         if _library is not False:
@@ -108,8 +108,8 @@ def _compiled() -> ctypes.CDLL | None:
             _log.warning("no C compiler found: batch scoring uses scikit-learn's tree predictor")
             return None
         digest = hashlib.sha256((_C_SOURCE + " ".join(_FLAGS) + compiler).encode()).hexdigest()[:16]
-        target = Path(tempfile.gettempdir()) / f"ml_platform_batch_trees_{digest}.so"
         try:
+            target = _cache_dir() / f"batch_trees_{digest}.so"
             if not target.exists():
                 with tempfile.TemporaryDirectory() as tmp:
                     src = Path(tmp) / "trees.c"
@@ -136,6 +136,17 @@ def _compiled() -> ctypes.CDLL | None:
         lib.predict_raw.restype = None
         _library = lib
         return lib
+
+
+def _cache_dir() -> Path:
+    """A directory only this user can write (the library is loaded from it: another user must not
+    be able to put one there): <tmp>/ml_platform-<uid>, mode 0700, checked to be ours."""
+    path = Path(tempfile.gettempdir()) / f"ml_platform-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{path} is not a private directory of this user; not loading a library from it")
+    return path
 
 
 class NativeTrees:
