@@ -44,6 +44,8 @@ DEFAULT_STREAM_GROUP = "scorers"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_UI_PORT = 3000
 PREDICTIONS_DB_NAME = "predictions.duckdb"  # batch predictions, under the data directory
+# The engines that compute offline feature tables from the same declarations (docs/spark.md).
+OFFLINE_ENGINES = ("duckdb", "spark")
 DEFAULT_CELERY_BROKER_URL = "pyamqp://guest@127.0.0.1:5672//"  # RabbitMQ on this machine
 # An embedded Redis with no client for this long stops itself; the next use starts it again.
 DEFAULT_EMBEDDED_REDIS_IDLE_S = 1800.0
@@ -120,6 +122,8 @@ class Settings(BaseSettings):
     # keeps artifacts (a directory, s3://..., gs://...); clients reach both through the server.
     mlflow_backend_store_uri: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_BACKEND_STORE_URI")
     mlflow_artifact_root: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_ARTIFACT_ROOT")
+    # What computes the offline feature tables: DuckDB (one machine) or Spark (ML_PLATFORM_SPARK_* config).
+    offline_engine: str = Field(default="duckdb", validation_alias="ML_PLATFORM_OFFLINE_ENGINE")
     # Where a job's steps run: unset, Dagster's default (the CLI's runs in its own process, the UI's
     # in subprocesses); "celery": on Celery workers (`ml-platform celery-worker`) over the broker;
     # "k8s": each step a Kubernetes Job (dagster-k8s).
@@ -141,6 +145,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("offline_engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in OFFLINE_ENGINES:
+            raise ValueError(f"ML_PLATFORM_OFFLINE_ENGINE must be one of {list(OFFLINE_ENGINES)}, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

@@ -323,3 +323,29 @@ def test_dagster_resource_builds_the_session_from_config_and_materializes(spark,
     assert run.success
     duck.materialize_offline(view.name)
     assert assert_same_table(duck, spark_store, view) > 1000
+
+
+def test_the_platforms_feature_asset_runs_on_spark_when_the_setting_says_so(spark, generated, tmp_path):
+    """ML_PLATFORM_OFFLINE_ENGINE=spark is all a deployment changes: the platform's own feature
+    asset, with the platform's resources (`spark` is dagster-pyspark's lazy resource), writes the
+    table on Spark; the table equals DuckDB's."""
+    pytest.importorskip("dagster_pyspark", reason="the `spark` extra (dagster-pyspark) is not installed")
+    from fixtures_platform import TEST_REDIS_URL
+
+    from ml_platform.defs.assets import feature_table_assets
+    from ml_platform.defs.resources import default_resources
+    from ml_platform.settings import load_settings
+
+    view = fr.merchant_transaction_stats
+    duck, spark_store = twin_stores(tmp_path, generated, [*fr.ENTITIES, *fr.FEATURE_VIEWS])
+    settings = load_settings({"ML_PLATFORM_DATA_DIR": str(spark_store.repo_path), "REDIS_URL": TEST_REDIS_URL,
+                              "ML_PLATFORM_OFFLINE_ENGINE": "spark"})
+    asset = next(a for a in feature_table_assets if a.key.to_user_string() == view.name)
+    run = dg.materialize([asset], resources=default_resources(settings))
+    assert run.success
+    (mat,) = run.asset_materializations_for_node(view.name)
+    assert mat.metadata["engine"].value == "spark" and "unix_micros" in mat.metadata["sql"].value
+    duck.materialize_offline(view.name)
+    assert assert_same_table(duck, spark_store, view) > 1000
+    with pytest.raises(ValueError, match="ML_PLATFORM_OFFLINE_ENGINE must be one of \\['duckdb', 'spark'\\], got 'flink'"):
+        load_settings({"ML_PLATFORM_OFFLINE_ENGINE": "flink"})

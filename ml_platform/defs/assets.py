@@ -136,18 +136,20 @@ def _feature_table_asset(view) -> dg.AssetsDefinition:
         description=view.description,
         tags={"feature_view": view.name},
     )
-    def _table(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+    def _table(feature_store: FeatureStoreResource, spark: dg.ResourceParam[Any]) -> dg.MaterializeResult:
         store = feature_store.store()
-        result = store.materialize_offline(view.name)
+        engine = feature_store.offline_engine(spark)  # DuckDB, or Spark through dagster-pyspark
+        result = engine.materialize_offline(store, view.name)
         return dg.MaterializeResult(
             metadata={
+                "engine": feature_store.engine,
                 "rows": result["rows"],
                 "path": dg.MetadataValue.path(str(result["path"])),
                 "seconds": round(result["seconds"], 3),
                 "entities": ", ".join(view.join_keys),
                 "ttl": str(view.ttl),
                 "features": dg.MetadataValue.json(view.feature_names),
-                "sql": dg.MetadataValue.md(f"```sql\n{store.aggregation_sql(view.name)}\n```"),
+                "sql": dg.MetadataValue.md(f"```sql\n{engine.aggregation_sql(store, view.name)}\n```"),
             }
         )
 

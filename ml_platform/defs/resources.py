@@ -36,6 +36,14 @@ class FeatureStoreResource(dg.ConfigurableResource):
     duckdb_memory_limit: str | None = None
     redis_url: str | None = None  # None: REDIS_URL, else the embedded redis-server under repo_path
     project: str = DEFAULT_PROJECT  # key prefix of the online store and the prediction log
+    engine: str = "duckdb"  # what computes the offline tables: one of settings.OFFLINE_ENGINES
+
+    def offline_engine(self, spark=None):
+        """The offline engine (`featurestore.spark_offline`); "spark" runs on `spark`'s session
+        (the `spark` resource, dagster-pyspark's)."""
+        from ml_platform.featurestore.spark_offline import offline_engine
+
+        return offline_engine(self.engine, (lambda: spark.spark_session) if spark is not None else None)
 
     def store(self):
         from ml_platform.features import ENTITIES, FEATURE_VIEWS
@@ -165,6 +173,23 @@ class MonitoringResource(dg.ConfigurableResource):
         return feature_store.paths.reports_dir
 
 
+class SparkUnavailable(dg.ConfigurableResource):
+    """The `spark` resource when the `spark` extra is not installed: any use says how to get it."""
+
+    @property
+    def spark_session(self):
+        raise RuntimeError("ML_PLATFORM_OFFLINE_ENGINE=spark needs the spark extra: pip install 'ml_platform[spark]'")
+
+
+def spark_resource() -> dg.ConfigurableResource:
+    """dagster-pyspark's lazy resource (no JVM until a step asks for the session), or a stand-in."""
+    try:
+        from ml_platform.defs.spark import SparkResource
+    except ImportError:
+        return SparkUnavailable()
+    return SparkResource()
+
+
 def secret_reference(value: str | None, env_name: str, *, as_config: bool = False):
     """`value` as config Dagster may store: a URL with a password becomes a reference to the
     environment variable it came from (`dg.EnvVar` for a resource, `{"env": name}` for executor
@@ -195,7 +220,9 @@ def default_resources(settings: Settings | None = None, **source_overrides) -> d
             repo_path=str(settings.data_dir),
             redis_url=secret_reference(settings.redis_url, "REDIS_URL"),
             project=settings.project,
+            engine=settings.offline_engine,
         ),
+        "spark": spark_resource(),
         "mlflow": MLflowRegistryResource(
             tracking_uri=secret_reference(settings.mlflow_tracking_uri, "MLFLOW_TRACKING_URI"),
             model_name=settings.model_name,

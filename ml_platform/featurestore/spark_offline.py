@@ -36,8 +36,9 @@ from ml_platform.featurestore.aggregation import source_columns
 from ml_platform.featurestore.definitions import FeatureView
 from ml_platform.featurestore.spark_sql import SPARK_SESSION_CONF, compile_spark_sql
 from ml_platform.featurestore.store import FINGERPRINT_KEY, FeatureStore, view_fingerprint
+from ml_platform.settings import OFFLINE_ENGINES
 
-ENGINES = ("duckdb", "spark")
+ENGINES = OFFLINE_ENGINES
 DEFAULT_MASTER = "local[2]"
 DEFAULT_DRIVER_MEMORY = "1g"
 
