@@ -4,7 +4,7 @@ baseline measured in the same process.
 
     python bench/batch_scoring.py [--rows 10000000] [--baseline-rows 1000000] [--repeats 3]
                                   [--chunk-rows 200000] [--duckdb-threads 2] [--memory-limit 2GB]
-                                  [--threads 2] [--workdir DIR] [--keep]
+                                  [--threads 2] [--full-baseline] [--workdir DIR] [--keep]
 
 Setup (timed, not part of the figures; reused from --workdir when a previous run with the same
 sizes finished it there, so `--workdir DIR --keep` skips it the second time): the generator writes
@@ -18,6 +18,7 @@ Then, in this one process (OpenMP at 1 thread, DuckDB at --duckdb-threads, the n
              scoring, prediction log, the swap)
   ratio      ours and today's path alternately on the --baseline-rows day, --repeats times each;
              the medians and their ratio (the machine is shared: the ratio is the figure)
+  full       with --full-baseline: today's path on the --rows day too, right after ours
 
 Peak RSS is the process's VmHWM, reset before each run. Checks (exit 1 if one fails): 1,000
 random published predictions recomputed through get_historical_features + assemble_features +
@@ -245,6 +246,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="the native trees' threads")
     parser.add_argument("--memory-limit", default="2GB")
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT)
+    parser.add_argument(
+        "--full-baseline",
+        action="store_true",
+        help="also run today's path on the --rows day, right after ours (a 10M-row day: ~8 min more)",
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the generated data and predictions")
     args = parser.parse_args()
@@ -263,6 +269,12 @@ def main() -> int:
             db = workdir / f"day_{args.rows}" / "predictions.duckdb"
             ours = score_partition(store, model, DAY, db, chunk_rows=args.chunk_rows, threads=args.threads)
             print(f"ours: {json.dumps(ours)}", flush=True)
+            full = None
+            if args.full_baseline:
+                full = today.score_partition(
+                    store, model, DAY, db.with_name("today.duckdb"), chunk_rows=args.chunk_rows
+                )
+                print(f"today (full day): {json.dumps(full)}", flush=True)
             check = check_sample(store, model, db)
             log_check = check_log(ours, db)
             small = workdir / f"day_{args.baseline_rows}"
@@ -291,6 +303,12 @@ def main() -> int:
         f"by phase (s): load {ours['load_s']}, point-in-time features {ours['features_s']}, "
         f"score + stage + log {ours['score_s']}, swap {ours['swap_s']}"
     )
+    if full is not None:
+        print(
+            f"today's path on the same day: {full['seconds']:.1f} s, {full['rows_per_s']:,.0f} rows/s, peak RSS "
+            f"{full['peak_rss_mb']:,.0f} MB -> ours {ours['rows_per_s'] / full['rows_per_s']:.2f}x; by phase (s): "
+            f"load {full['load_s']}, features {full['features_s']}, score {full['score_s']}, swap {full['swap_s']}"
+        )
     m, p = compare["median"], compare["phases"]
     print(
         f"ratio on {compare['rows']:,} rows, medians of {args.repeats}: ours {m['ours']:,.0f} rows/s "
