@@ -122,7 +122,8 @@ class Settings(BaseSettings):
     # keeps artifacts (a directory, s3://..., gs://...); clients reach both through the server.
     mlflow_backend_store_uri: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_BACKEND_STORE_URI")
     mlflow_artifact_root: str | None = Field(default=None, validation_alias="ML_PLATFORM_MLFLOW_ARTIFACT_ROOT")
-    # What computes the offline feature tables: DuckDB (one machine) or Spark (ML_PLATFORM_SPARK_* config).
+    # What computes the offline feature tables: DuckDB (one machine) or Spark (the `spark` resource's
+    # spark_config: local[2] by default, a cluster's master URL for more).
     offline_engine: str = Field(default="duckdb", validation_alias="ML_PLATFORM_OFFLINE_ENGINE")
     # Where a job's steps run: unset, Dagster's default (the CLI's runs in its own process, the UI's
     # in subprocesses); "celery": on Celery workers (`ml-platform celery-worker`) over the broker;

@@ -159,11 +159,6 @@ class ProductionTenant:
             "ML_PLATFORM_MODEL_NAME": self.model_name,
         }
 
-    def secrets(self) -> list[str]:
-        from ml_platform.redaction import url_secret
-
-        return [url_secret(self.dagster_postgres_url), url_secret(self.redis_url)]
-
 
 @contextlib.contextmanager
 def production_tenant(admin: redis.Redis, mlflow_url: str, prefix: str = "mlp"):

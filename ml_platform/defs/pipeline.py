@@ -181,8 +181,9 @@ def run_training_pipeline(
     instance: dg.DagsterInstance | None = None,
     log_level: str = "INFO",
 ) -> PipelineOutcome:
-    """Run `training_pipeline` in this process for the daily partitions start..end (one run),
-    recorded in the Dagster instance at DAGSTER_HOME so it shows in the UI afterwards."""
+    """Run `training_pipeline` for the daily partitions start..end (one run, launched from this
+    process; its steps run here too unless ML_PLATFORM_EXECUTOR sends them elsewhere), recorded in
+    the Dagster instance at DAGSTER_HOME so it shows in the UI afterwards."""
     return _execute(settings, "training_pipeline", event_source, instance, log_level=log_level,
                     tags={RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()})
 
@@ -197,7 +198,7 @@ def run_daily_job(
     checks_fail: bool = True,
     until: dt.date | None = None,
 ) -> PipelineOutcome:
-    """Run a daily-partitioned job (`daily_scoring`, `daily_monitoring`) in this process for one
+    """Run a daily-partitioned job (`daily_scoring`, `daily_monitoring`) from this process for one
     day (or, with `until`, the days day..until as one run: `daily_scoring`'s assets take a range),
     recorded in the Dagster instance at DAGSTER_HOME so it shows in the UI."""
     if until is not None and until != day:
@@ -217,8 +218,8 @@ def run_monitoring(settings: Settings, day: dt.date, event_source: dict | None =
 def _execute(settings: Settings, job_name: str, event_source: dict | None, instance: dg.DagsterInstance | None, *,
              log_level: str, tags: dict | None = None, partition_key: str | None = None,
              all_metadata: bool = False, checks_fail: bool = True) -> PipelineOutcome:
-    """Run `job_name` and say what it did. With ML_PLATFORM_EXECUTOR=celery (or multiprocess) the
-    steps run in other processes, which load the definitions of `ml_platform.definitions` from
+    """Run `job_name` and say what it did. With ML_PLATFORM_EXECUTOR=celery, k8s or multiprocess
+    the steps run in other processes, which load the definitions of `ml_platform.definitions` from
     their own environment: the job is launched as a reconstructable job and the event source
     overrides travel in the run config."""
     run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
