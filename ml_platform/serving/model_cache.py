@@ -32,6 +32,8 @@ class CachedModel:
 
 
 class ModelCache:
+    KEEP = 3  # copies kept besides the versions an alias names (the few a rollback may need)
+
     def __init__(self, root: str | os.PathLike, model_name: str):
         self.dir = Path(root) / model_name
         self.model_name = model_name
@@ -43,12 +45,34 @@ class ModelCache:
         return path
 
     def commit(self, version: int, staged: Path) -> None:
-        """Make a filled staging directory the copy of `version` (replacing an older copy)."""
+        """Make a filled staging directory the copy of `version` (a copy already there is the same
+        registry artifact: kept), then drop copies no alias names beyond the newest KEEP."""
         final = self.dir / f"v{int(version)}"
         if final.exists():
-            shutil.rmtree(staged, ignore_errors=True)  # the same registry artifact, already here
-            return
-        staged.rename(final)
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            staged.rename(final)
+        self.prune()
+
+    def versions(self) -> list[int]:
+        """The versions held, newest copy first."""
+        held = [p for p in self.dir.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
+        return [int(p.name[1:]) for p in sorted(held, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def prune(self, keep: int | None = None) -> list[int]:
+        """Remove the copies of versions no alias names, beyond the newest `keep` (default KEEP);
+        returns the versions removed."""
+        keep = self.KEEP if keep is None else keep
+        named = set()
+        for pointer in self.dir.glob("alias-*.json"):
+            try:
+                named.add(int(json.loads(pointer.read_text())["version"]))
+            except (ValueError, KeyError, OSError):
+                continue
+        removed = [v for v in self.versions()[keep:] if v not in named]
+        for version in removed:
+            shutil.rmtree(self.dir / f"v{version}", ignore_errors=True)
+        return removed
 
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
