@@ -1,7 +1,7 @@
 """Redis restarted under the platform (a real redis-server of the test's own, restarted with
 SHUTDOWN and started again on the same port with its append-only file):
 
-- during a materialization: the write fails, the previous snapshot keeps serving, the retry
+- during a materialization (1M rows): the write fails, the previous snapshot keeps serving, the retry
   completes and the new values serve;
 - during serving: the API answers 503 while Redis is down, then scores again by itself, without
   a restart of the server process.
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 user = Entity("user", join_keys=["user_id"])
 VIEW = FeatureView("restart_stats", [user], FileSource("unused.parquet"),
                    schema=[Field("a", Float64), Field("b", Float64)], ttl=timedelta(days=1))
-ROWS = 400_000
+ROWS = 1_000_000
 
 
 def table(value: float) -> pa.Table:
@@ -67,10 +67,18 @@ def test_a_restart_during_materialization_keeps_the_old_snapshot_and_the_retry_c
         except BaseException as exc:  # noqa: BLE001 - what the restart did to the writer
             failure.append(exc)
 
+    watcher = redis.Redis.from_url(private_redis.url)
+    before = set(watcher.scan_iter(match="restart:*"))
     writer = threading.Thread(target=rebuild)
     writer.start()
-    time.sleep(1.0)  # 400k rows take several seconds: the restart lands in the middle
-    assert writer.is_alive(), "the write finished before the restart: make it bigger"
+    # The restart lands in the middle of the write: as soon as the new version's first keys exist
+    # (1M rows take ~2 s to write here), and before the write has finished.
+    deadline = time.monotonic() + 60
+    while not set(watcher.scan_iter(match="restart:*")) - before:
+        assert writer.is_alive() and time.monotonic() < deadline, "the write finished before it was seen"
+        time.sleep(0.002)
+    watcher.close()
+    assert writer.is_alive(), "the write finished before the restart"
     private_redis.restart()
     writer.join(timeout=120)
     assert failure and isinstance(failure[0], (redis.ConnectionError, redis.TimeoutError, OSError)), failure
