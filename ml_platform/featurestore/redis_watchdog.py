@@ -65,8 +65,8 @@ def watch(redis_dir: Path, pid: int, idle_s: float, url: str, *, log=print) -> s
 def main(argv: list[str]) -> int:
     redis_dir, pid, idle_s = Path(argv[0]), int(argv[1]), float(argv[2])
     url = sys.stdin.readline().strip()
-    why = watch(redis_dir, pid, idle_s, url, log=lambda m: print(time.strftime("%Y-%m-%dT%H:%M:%S"), m, flush=True))
-    return 0 if why else 1
+    watch(redis_dir, pid, idle_s, url, log=lambda m: print(time.strftime("%Y-%m-%dT%H:%M:%S"), m, flush=True))
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,8 +56,7 @@ def load_version(registry, version: int, scorer: str = "auto", copy_to=None):
     against scikit-learn, else the reference path; "treelite": the same, an error if treelite
     cannot serve the model; "sklearn": the reference path only (`build_scoring_path`). With
     `copy_to`, the registry's artifacts are copied there too (`serving.model_cache`)."""
-    model, contract = (registry.load_model(int(version)) if copy_to is None
-                       else registry.load_model(int(version), copy_to=copy_to))
+    model, contract = registry.load_model(int(version), copy_to=copy_to)
     return scoring_path(int(version), model, contract, scorer)
 
 
