@@ -1,5 +1,6 @@
 """Shared fixtures: every test gets its own data directory, MLflow store and Dagster home; tests
-that talk to Redis directly get a client of the real server (`client`)."""
+that talk to Redis directly get a client of the real server (`client`); tests on Redis Cluster
+share one local three-master cluster per session (`redis_cluster`, `cluster_client`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,29 @@ def client():
         pytest.fail(f"these tests need the Redis server at {TEST_REDIS_URL} (.ci/run starts it)")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A local Redis Cluster of three masters (`LocalRedisCluster`: the system redis-server on free
+    loopback ports), started on first use and stopped at the end of the session; each test keys
+    its data under its own project and deletes it."""
+    from ml_platform.featurestore.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis_cluster"), masters=3)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_client(redis_cluster):
+    """A RedisCluster client of `redis_cluster` with the platform's client options."""
+    from ml_platform.featurestore.redis_cluster import cluster_client_from_url
+
+    client = cluster_client_from_url(redis_cluster.url)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The OnlineStore contract (online_store_contract.py) run on a local three-master Redis Cluster
 (`LocalRedisCluster`, started once per session from the system redis-server on free loopback
-ports), plus what only a cluster has: entities spread over the masters, one entity's keys in one
+ports: the `redis_cluster` / `cluster_client` fixtures of conftest.py), plus what only a cluster has: entities spread over the masters, one entity's keys in one
 slot, a flip that dies half-way through its buckets."""
 
 from __future__ import annotations
@@ -35,22 +35,7 @@ from ml_platform.featurestore.online.entity_keys import (
     entity_field,
     entity_fields_from_rows,
 )
-from ml_platform.featurestore.redis_cluster import LocalRedisCluster, cluster_client_from_url
-
-
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory):
-    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis_cluster"), masters=3)
-    cluster.start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def cluster_client(redis_cluster):
-    client = cluster_client_from_url(redis_cluster.url)
-    yield client
-    client.close()
+from ml_platform.featurestore.redis_cluster import LocalRedisCluster
 
 
 def node_keys(cluster: LocalRedisCluster, pattern: str) -> dict[int, list[bytes]]:

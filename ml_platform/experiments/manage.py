@@ -11,7 +11,8 @@ serving process see it within their refresh interval (0.5 s) and the champion al
 The rollout's state (`rollout.RolloutState`, every transition with who/what/when/why and its
 evidence) is one JSON value in Redis, `<project>:rollout:<experiment>`; `<project>:rollout:active`
 names the running one. Saves are compare-and-set on a revision: the sensor and an operator's abort
-never overwrite each other.
+never overwrite each other. (On Redis Cluster both keys carry the project's experiments hash tag,
+keys.py, so the compare-and-set is still one WATCH/MULTI on one master.)
 """
 
 from __future__ import annotations
@@ -122,11 +123,11 @@ class RolloutControl:
         return self.store.client
 
     def key(self, experiment: str) -> str:
-        return f"{self.store.project}:rollout:{experiment}"
+        return self.store.keys.rollout(experiment)
 
     @property
     def active_key(self) -> str:
-        return f"{self.store.project}:rollout:active"
+        return self.store.keys.rollout_active
 
     # ---- persistence
 

@@ -1,7 +1,7 @@
 """An experiment's state in Redis, shared by every serving process, the stream worker, the CLI
 and the Dagster assets: configs, the arms' posteriors, the decisions awaiting a reward, feedback.
 
-Keys (all under `<project>:`; `<name>` the experiment):
+Keys (all under `<project>:`; `<name>` the experiment; on Redis Cluster hash-tagged, keys.py):
   experiments:active             the experiment the API routes by (at most one per project)
   experiment:<name>              hash: config (JSON), status, started_at/by, stopped_at/by, why
   experiment:<name>:posterior    hash: <arm>:s, <arm>:f (successes, failures; discounted)
@@ -16,8 +16,14 @@ Keys (all under `<project>:`; `<name>` the experiment):
 
 Every update is one Lua script (atomic in Redis: no read-then-write between processes, so two API
 processes rewarding the same arm never lose a count). A reward for a decision already rewarded is
-refused (`duplicate`): each decision counts once. The reward script reads the experiment's keys
-from the decision, so it needs a single Redis node (not a cluster; issue 11 is the cluster work).
+refused (`duplicate`): each decision counts once.
+
+On Redis Cluster (a RedisCluster client) the keys are hash-tagged (keys.py): everything but the
+decisions in one slot per project. A reward then reads its decision first (its own slot), and
+applies itself in one script in the experiments' slot, which refuses a second reward by a marker
+key (`rewarded:<name>:<prediction_id>`, SET NX, living as long as the decision) instead of the
+decision's `r` field: still each decision once, and the posterior, counts and marker change
+together. What is atomic on a cluster: docs/experiments.md, "Redis Cluster".
 """
 
 from __future__ import annotations
@@ -31,68 +37,16 @@ from typing import Any
 import numpy as np
 
 from ml_platform.experiments.config import ExperimentConfig, check_reward
+from ml_platform.experiments.keys import ExperimentKeys
+from ml_platform.experiments.scripts import CLUSTER_FEEDBACK, FEEDBACK, LABEL_DAY, STICK
 from ml_platform.experiments.thompson import Posterior, selection_probabilities
 
 RUNNING, STOPPED = "running", "stopped"
 # POST /feedback's outcomes: accepted, or why not (the API answers 404 / 409 / 422 for these)
 ACCEPTED, UNKNOWN, DUPLICATE, INVALID = "accepted", "unknown", "duplicate", "invalid"
 FEEDBACK_OUTCOMES = (ACCEPTED, UNKNOWN, DUPLICATE, INVALID)
-
-# Decay every arm's evidence (discount < 1), then add the reward to the arm that served.
-_APPLY = """
-local function apply(post, counts, arm, reward, discount)
-  if discount < 1 then
-    local all = redis.call('HGETALL', post)
-    for i = 1, #all, 2 do
-      redis.call('HSET', post, all[i], tonumber(all[i + 1]) * discount)
-    end
-  end
-  redis.call('HINCRBYFLOAT', post, arm .. ':s', reward)
-  redis.call('HINCRBYFLOAT', post, arm .. ':f', 1 - reward)
-  redis.call('HINCRBY', counts, arm .. ':n', 1)
-  redis.call('HINCRBYFLOAT', counts, arm .. ':sum', reward)
-end
-"""
-
-# KEYS[1] the decision; ARGV: reward, "<project>:experiment:" -> arm, or why not
-_FEEDBACK = (
-    _APPLY
-    + """
-local d = redis.call('HMGET', KEYS[1], 'e', 'a', 'r')
-if not d[1] then return {'unknown', ''} end
-local base = ARGV[2] .. d[1]
-if d[3] then
-  redis.call('HINCRBY', base .. ':counts', 'feedback:duplicate', 1)
-  return {'duplicate', d[2]}
-end
-redis.call('HSET', KEYS[1], 'r', ARGV[1])
-local discount = tonumber(redis.call('HGET', base, 'discount') or '1')
-apply(base .. ':posterior', base .. ':counts', d[2], tonumber(ARGV[1]), discount)
-redis.call('HINCRBY', base .. ':counts', 'feedback:accepted', 1)
-return {'accepted', d[2]}
-"""
-)
-
-# KEYS: posterior, counts, label-days; ARGV: day, discount, then arm, reward pairs -> applied or -1
-_LABEL_DAY = (
-    _APPLY
-    + """
-if redis.call('HSETNX', KEYS[3], ARGV[1], (#ARGV - 2) / 2) == 0 then return -1 end
-local discount = tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do apply(KEYS[1], KEYS[2], ARGV[i], tonumber(ARGV[i + 1]), discount) end
-return (#ARGV - 2) / 2
-"""
-)
-
-# KEYS[1] sticky hash; ARGV: user, proposal pairs -> each user's arm|p (the first assignment wins)
-_STICK = """
-local out = {}
-for i = 1, #ARGV, 2 do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
-  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
-end
-return out
-"""
+FEEDBACK_CHUNK = 1000  # rewards per cluster feedback script
+NO_EXPIRY_MARKER_MS = 30 * 86400 * 1000  # a marker's TTL for a decision without one (never written so)
 
 
 def _text(value: Any) -> str:
@@ -125,32 +79,37 @@ class ArmStats:
 
 
 class ExperimentStore:
-    """One project's experiments in Redis. `client` is a redis.Redis; `async_client` (optional)
-    a redis.asyncio.Redis for the API's request path (decisions, feedback)."""
+    """One project's experiments in Redis. `client` is a redis.Redis (or a RedisCluster: the
+    cluster key layout, keys.py); `async_client` (optional) a redis.asyncio.Redis (or its cluster
+    client) for the API's request path (decisions, feedback)."""
 
     def __init__(self, client: Any, project: str, async_client: Any = None):
+        from ml_platform.featurestore.redis_cluster import is_cluster_client
+
         self.client = client
         self.async_client = async_client
         self.project = project
-        self.prefix = f"{project}:experiment:"
-        self._feedback = client.register_script(_FEEDBACK)
-        self._label_day = client.register_script(_LABEL_DAY)
-        self._stick = client.register_script(_STICK)
+        self.keys = ExperimentKeys(project, cluster=is_cluster_client(client))
+        self.prefix = self.keys.experiment_prefix
+        feedback = CLUSTER_FEEDBACK if self.keys.cluster else FEEDBACK
+        self._feedback = client.register_script(feedback)
+        self._label_day = client.register_script(LABEL_DAY)
+        self._stick = client.register_script(STICK)
         if async_client is not None:
-            self._afeedback = async_client.register_script(_FEEDBACK)
-            self._astick = async_client.register_script(_STICK)
+            self._afeedback = async_client.register_script(feedback)
+            self._astick = async_client.register_script(STICK)
 
     # ---- keys
 
     @property
     def active_key(self) -> str:
-        return f"{self.project}:experiments:active"
+        return self.keys.active
 
     def key(self, name: str, part: str | None = None) -> str:
-        return self.prefix + name + (f":{part}" if part else "")
+        return self.keys.experiment(name, part)
 
     def decision_key(self, prediction_id: str) -> str:
-        return f"{self.project}:xd:{prediction_id}"
+        return self.keys.decision(prediction_id)
 
     # ---- lifecycle
 
@@ -213,6 +172,10 @@ class ExperimentStore:
     def delete(self, name: str) -> None:
         """Remove every key of experiment `name` (tests, and reusing a name on purpose)."""
         self.client.delete(*(self.key(name, p) for p in (None, "posterior", "counts", "sticky", "label-days")))
+        if self.keys.cluster:  # its reward markers (on one node the decisions hold them, expiring)
+            from ml_platform.featurestore.online import unlink_matching
+
+            unlink_matching(self.client, self.keys.rewarded(name, "*"))
         self.client.eval(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
             1,
@@ -337,6 +300,13 @@ class ExperimentStore:
         """Apply rewards by prediction id, each atomically: [(outcome, arm)], outcome one of
         ACCEPTED, UNKNOWN (no decision: never made, not in an experiment, or expired), DUPLICATE."""
         items = list(items)
+        if self.keys.cluster:
+            async with self.async_client.pipeline(transaction=False) as pipe:
+                self._read_decisions(pipe, items)
+                results, calls = self._cluster_calls(items, await pipe.execute())
+            for keys, args, where in calls:
+                self._cluster_results(results, where, await self._afeedback(keys=keys, args=args))
+            return results
         async with self.async_client.pipeline(transaction=False) as pipe:
             for pid, reward in items:
                 await self._afeedback(keys=[self.decision_key(pid)], args=[reward, self.prefix], client=pipe)
@@ -346,11 +316,56 @@ class ExperimentStore:
     def feedback_sync(self, items: Iterable[tuple[str, float]]) -> list[tuple[str, str]]:
         """`feedback` with the sync client (tools, benchmarks)."""
         items = [(pid, check_reward(r)) for pid, r in items]
+        if self.keys.cluster:
+            with self.client.pipeline(transaction=False) as pipe:
+                self._read_decisions(pipe, items)
+                results, calls = self._cluster_calls(items, pipe.execute())
+            for keys, args, where in calls:
+                self._cluster_results(results, where, self._feedback(keys=keys, args=args))
+            return results
         with self.client.pipeline(transaction=False) as pipe:
             for pid, reward in items:
                 self._feedback(keys=[self.decision_key(pid)], args=[reward, self.prefix], client=pipe)
             results = pipe.execute()
         return [(_text(r[0]), _text(r[1])) for r in results]
+
+    # ---- feedback on Redis Cluster: read the decisions, then one script per experiment
+
+    def _read_decisions(self, pipe, items: Sequence[tuple[str, float]]) -> None:
+        for pid, _ in items:
+            pipe.hmget(self.decision_key(pid), ["e", "a"])
+            pipe.pttl(self.decision_key(pid))
+
+    def _cluster_calls(self, items: Sequence[tuple[str, float]], found: Sequence[Any]) -> tuple[list, list]:
+        """From the decisions read: the results so far (UNKNOWN filled in) and the scripts to run
+        in the experiments' slot, (keys, args, [(item index, arm)]) per experiment and chunk, the
+        items in their order. A reward's marker lives as long as its decision (+1 s), so while the
+        decision can be found a second reward is refused, and after it the reward is unknown."""
+        results: list[Any] = [None] * len(items)
+        by_experiment: dict[str, list[tuple[int, str, float, str, int]]] = {}
+        for i, (pid, reward) in enumerate(items):
+            (name, arm), ttl = found[2 * i], int(found[2 * i + 1])
+            if name is None:
+                results[i] = (UNKNOWN, "")
+                continue
+            marker_ms = NO_EXPIRY_MARKER_MS if ttl == -1 else max(ttl, 0) + 1000
+            by_experiment.setdefault(_text(name), []).append((i, pid, reward, _text(arm), marker_ms))
+        calls = []
+        for name, rows in by_experiment.items():
+            for s in range(0, len(rows), FEEDBACK_CHUNK):
+                chunk = rows[s : s + FEEDBACK_CHUNK]
+                keys = [self.key(name), self.key(name, "posterior"), self.key(name, "counts")]
+                keys += [self.keys.rewarded(name, pid) for _, pid, _, _, _ in chunk]
+                args: list[Any] = []
+                for _, _, reward, arm, marker_ms in chunk:
+                    args += [marker_ms, arm, reward]
+                calls.append((keys, args, [(i, arm) for i, _, _, arm, _ in chunk]))
+        return results, calls
+
+    @staticmethod
+    def _cluster_results(results: list, where: Sequence[tuple[int, str]], outcomes: Sequence[Any]) -> None:
+        for (i, arm), outcome in zip(where, outcomes):
+            results[i] = (_text(outcome), arm)
 
     # ---- label rewards (the experiment_rewards asset)
 

@@ -17,7 +17,9 @@ URL and stops it on Ctrl-C.
 options (`redis_server.CLIENT_OPTIONS`). It takes `redis+cluster://[[user]:password@]host:port`
 (the form that says "cluster" in the URL itself; `rediss+cluster://` for TLS) or a plain
 `redis://` URL of any one node. `is_cluster_url(url)` tells the two forms apart, so a single
-`client_from_url` can dispatch on it.
+`client_from_url` can dispatch on it; `is_cluster_client(client)` tells the two client kinds apart
+(the platform's Redis users pick their cluster key layout by it), and `slot_tag(key)` gives the
+hash tag that puts other keys in `key`'s slot.
 """
 
 from __future__ import annotations
@@ -45,6 +47,33 @@ START_TIMEOUT_S = 30.0
 def is_cluster_url(url: str) -> bool:
     """True for `redis+cluster://...` and `rediss+cluster://...` URLs."""
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def is_cluster_client(client: Any) -> bool:
+    """True for a redis.cluster.RedisCluster or a redis.asyncio.cluster.RedisCluster client."""
+    if isinstance(client, RedisCluster):
+        return True
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    return isinstance(client, AsyncRedisCluster)
+
+
+def slot_tag(key: str) -> str:
+    """What Redis Cluster hashes of `key` (its hash tag's content, or the whole key without one):
+    any key containing `{<slot_tag(key)>}` as its first hash tag lands in `key`'s slot. Used to put
+    companion keys next to a stream whose name the deployment chose (e.g. the stream worker's
+    `done` keys next to its output stream)."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    if "{" in key or "}" in key:
+        raise ValueError(
+            f"key {key!r} has braces but no hash tag Redis Cluster would use; name it without "
+            f"'{{' and '}}', or with one non-empty tag such as '{{myproject}}:transactions'"
+        )
+    return key
 
 
 def cluster_client_from_url(url: str, **overrides: Any) -> RedisCluster:

@@ -238,13 +238,11 @@ class RedisOnlineStore(SnapshotReads, VersionedWrites):
 
 
 def _is_cluster(client_or_url: Any) -> bool:
+    from ml_platform.featurestore.redis_cluster import is_cluster_client, is_cluster_url
+
     if isinstance(client_or_url, str):
-        from ml_platform.featurestore.redis_cluster import is_cluster_url
-
         return is_cluster_url(client_or_url)
-    from redis.cluster import RedisCluster
-
-    return isinstance(client_or_url, RedisCluster)
+    return is_cluster_client(client_or_url)
 
 
 def unlink_matching(client: redis.Redis, pattern: str, batch_size: int = 500) -> int:

@@ -31,6 +31,7 @@ Modules:
   buffer.py   the buffer format: record layout, packing/unpacking, key naming, `BufferCache`
   windows.py  the pure-numpy window evaluation (no Redis: testable with hand-made records)
   updater.py  `StreamingUpdater` / `PendingFold`: the fold script (`fold.lua`) and its replies
+  cluster_fold.py  on Redis Cluster: buffers in the online store's buckets, the script per bucket
 """
 
 from ml_platform.featurestore.online import EVENT_TIMESTAMP

@@ -6,6 +6,9 @@ One Lua script call per batch (`fold.lua`, loaded once) appends each entity's ne
 returns only what this worker lacks (`BufferCache`), trims a buffer when due and refreshes its
 expiry; the features are then computed with numpy over all entities of the batch at once
 (`windows.evaluate_group`).
+
+On a RedisCluster client the buffers are spread over the online store's hash-tagged buckets and
+the script runs once per bucket (`cluster_fold.BucketedFold`); everything else is the same.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import redis
 
 from ml_platform.featurestore.definitions import FeatureView
 from ml_platform.featurestore.online import unlink_matching
+from ml_platform.featurestore.redis_cluster import is_cluster_client
 from ml_platform.featurestore.streaming.buffer import BufferCache, key_part, pack_records
 from ml_platform.featurestore.streaming.events import EventColumns
 from ml_platform.featurestore.streaming.plan import BufferGroup, compile_views
@@ -74,7 +78,16 @@ class StreamingUpdater:
         self.trim_slack_us = span_us(trim_slack)
         self.state_expiry = state_expiry
         self.cache = BufferCache(cache_bytes)
-        self._script = client.register_script(FOLD_LUA)
+        if is_cluster_client(client):
+            from ml_platform.featurestore.streaming.cluster_fold import BucketedFold
+
+            if any(c in project for c in "{}"):
+                raise ValueError(f"project {project!r} must not contain '{{' or '}}' on Redis Cluster (hash tags)")
+            self._bucketed: BucketedFold | None = BucketedFold(client, self.state_prefix, FOLD_LUA)
+            self._join_keys = {name: self._bucketed.join_keys(g, self.compiled) for name, g in self.groups.items()}
+        else:
+            self._bucketed = None
+            self._script = client.register_script(FOLD_LUA)
         # Wall seconds per part of `fold` (pack, script: waiting for its reply, cache, evaluate).
         self.phase_seconds: dict[str, float] = {"pack": 0.0, "script": 0.0, "cache": 0.0, "evaluate": 0.0}
         self._sender: ThreadPoolExecutor | None = None  # sends fold scripts (see submit)
@@ -86,14 +99,20 @@ class StreamingUpdater:
     def state_prefix(self) -> str:
         return f"{self.project}:stream:state:"
 
-    def _key_prefix(self, group: BufferGroup) -> str:
-        return f"{self.state_prefix}{group.name}:{group.layout_id}:"
+    def _key_prefix(self, group: BufferGroup, bucket: int | None = None) -> str:
+        if bucket is None:  # one node
+            return f"{self.state_prefix}{group.name}:{group.layout_id}:"
+        return f"{self._bucketed.prefixes[bucket]}{group.name}:{group.layout_id}:"
 
     def buffer_key(self, view: str, entity: Mapping[str, Any]) -> str:
         """The Redis key of the buffer holding `entity`'s rows of `view` (base join key values
-        joined with ':')."""
+        joined with ':'; on a cluster after the hash tag of the entity's bucket)."""
         group = self.groups[self.compiled[view].group]
-        return self._key_prefix(group) + ":".join(key_part(entity[k]) for k in group.base_keys)
+        values = tuple(entity[k] for k in group.base_keys)
+        bucket = None
+        if self._bucketed is not None:
+            bucket = int(self._bucketed.entity_buckets(self._join_keys[group.name], [values])[0])
+        return self._key_prefix(group, bucket) + ":".join(key_part(v) for v in values)
 
     def _expiry_ms(self, group: BufferGroup) -> int:
         if self.state_expiry is None:
@@ -142,7 +161,8 @@ class StreamingUpdater:
         began = time.perf_counter()
         batch = EventColumns(events)
         now = time.monotonic()
-        heads: list[bytes] = []
+        heads: list[np.ndarray] = []
+        buckets: list[np.ndarray] = []  # on a cluster: each buffer's bucket
         key_blobs: list[bytes] = []
         record_blobs: list[bytes] = []
         names: list[bytes] = []  # per buffer of the call, in script order
@@ -167,10 +187,19 @@ class StreamingUpdater:
             starts = ends - counts
             width = group.record_dtype.itemsize
             records = pack_records(group, batch, rows)[order].tobytes()
-            prefix = self._key_prefix(group)
-            if len(group.base_keys) == 1:
+            if self._bucketed is not None:
+                where = self._bucketed.entity_buckets(self._join_keys[group_name], entity_keys)
+                prefixes = [self._key_prefix(group, b) for b in range(self._bucketed.buckets)]
+                keys = [
+                    (prefixes[b] + ":".join([key_part(v) for v in k])).encode()
+                    for b, k in zip(where.tolist(), entity_keys)
+                ]
+                buckets.append(where)
+            elif len(group.base_keys) == 1:
+                prefix = self._key_prefix(group)
                 keys = [(prefix + key_part(k[0])).encode() for k in entity_keys]
             else:
+                prefix = self._key_prefix(group)
                 keys = [(prefix + ":".join([key_part(v) for v in k])).encode() for k in entity_keys]
             head = np.zeros(len(keys), FOLD_HEAD_DTYPE)
             head["klen"] = [len(k) for k in keys]
@@ -187,7 +216,7 @@ class StreamingUpdater:
                 sent += [records[a:b] for a, b in zip((starts * width).tolist(), (ends * width).tolist())]
             else:
                 head["refresh"] = 1
-            heads.append(head.tobytes())
+            heads.append(head)
             key_blobs.append(b"".join(keys))
             record_blobs.append(records)
             names += keys
@@ -197,13 +226,20 @@ class StreamingUpdater:
         pending = PendingFold(
             self, self._generation, batch, wanted, plans, names, sent, refreshes, now, compute
         )
-        if names:
+        if names and self._bucketed is not None:
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="fold-script")
+            pending.future = self._sender.submit(
+                self._bucketed.run, expiry, compute, np.concatenate(heads), names,
+                b"".join(record_blobs), np.concatenate(buckets),
+            )  # fmt: skip
+        elif names:
             nonce = secrets.randbelow(2**36 - 1) + 1
             args = [
                 expiry,
                 b"1" if compute else b"0",
                 nonce,
-                b"".join(heads),
+                b"".join([h.tobytes() for h in heads]),
                 b"".join(key_blobs),
                 b"".join(record_blobs),
             ]
@@ -218,6 +254,8 @@ class StreamingUpdater:
         if self._sender is not None:
             self._sender.shutdown(wait=True)
             self._sender = None
+        if self._bucketed is not None:
+            self._bucketed.close()
 
     # ---- housekeeping
 

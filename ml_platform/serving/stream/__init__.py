@@ -6,7 +6,8 @@ with the champion model and keeps the windowed features up to date (`ml-platform
     config.py        `StreamConfig`
     worker.py        `StreamWorker`: the read -> fold -> score -> write loop (steps in its docstring)
     scoring_plan.py  which features come from the stream's buffers and which from the online store
-    emit.py          the prediction JSON and the atomic emit script (`emit.lua`)
+    emit.py          the prediction JSON and the atomic emit script (`emit_parts.lua` + `emit.lua`;
+                     on a Redis Cluster split by slot: `emit_outputs.lua`, `emit_dead.lua`, XACK)
     sink.py          the writer thread (a batch is written while the next one is read and folded)
     stats.py         `WorkerStats` and the per-phase clock
     seeding.py       cold start: fold the recent raw history into the buffers once per project

@@ -1,6 +1,12 @@
 """The Redis streams and keys of a project's stream worker, and the producer/consumer helpers
 around them: publish events (`publish_events`, `publish_payloads`), read the predictions back
-(`read_predictions`), name a consumer."""
+(`read_predictions`), name a consumer.
+
+The stream names are the same on one node and on Redis Cluster (producers, the prediction log's
+drain and the CLI name them without knowing which it is). On a cluster only the worker's `done`
+keys differ: they carry the hash tag of the output stream's slot (`redis_cluster.slot_tag`), so
+the emit script that sets them and appends the outputs touches one slot; the dead letters' guard
+keys carry the dead-letter stream's (docs/streaming.md, "Redis Cluster")."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import orjson
 import pandas as pd
 import redis
 
+from ml_platform.featurestore.redis_cluster import slot_tag
 from ml_platform.serving.stream.config import StreamConfig
 from ml_platform.serving.stream.events import EVENT_FIELD, TRANSACTION, event_payloads
 
@@ -29,6 +36,9 @@ class StreamNames:
     done_prefix: str
     seeded: str
     input_columns: str  # hash: model version -> the names of its outputs' `features` array
+    # a dead letter's guard key is this + the input entry id: on a cluster, where the emit is split
+    # by slot, it makes a replayed dead letter count once (one node: unused, the emit is one script)
+    dead_done_prefix: str = ""
 
 
 def input_columns_key(output_stream: str) -> str:
@@ -36,18 +46,38 @@ def input_columns_key(output_stream: str) -> str:
     return f"{output_stream}:input_columns"
 
 
-def stream_names(project: str, config: StreamConfig | None = None) -> StreamNames:
-    """The keys a project's stream worker uses (config overrides the stream names)."""
+def stream_names(project: str, config: StreamConfig | None = None, *, cluster: bool = False) -> StreamNames:
+    """The keys a project's stream worker uses (config overrides the stream names). `cluster`: the
+    worker's keys on Redis Cluster (the same streams; `done` keys in the output stream's slot)."""
     config = config or StreamConfig()
     base = f"{project}:stream:"
     output = config.output_stream or base + "predictions"
+    dead_letter = config.dead_letter_stream or base + "dead_letter"
+    input_stream = config.input_stream or base + "transactions"
+    done, dead_done = base + "done:", base + "done:dead:"
+    if cluster:
+        if any(c in project for c in "{}"):
+            raise ValueError(f"project {project!r} must not contain '{{' or '}}' on Redis Cluster (hash tags)")
+        fields = (
+            ("StreamConfig.output_stream", output),
+            ("StreamConfig.dead_letter_stream", dead_letter),
+            ("StreamConfig.input_stream", input_stream),
+        )
+        tags = []
+        for name, key in fields:
+            try:
+                tags.append(slot_tag(key))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        done, dead_done = f"{base}done:{{{tags[0]}}}:", f"{base}done:{{{tags[1]}}}:dead:"
     return StreamNames(
-        input=config.input_stream or base + "transactions",
+        input=input_stream,
         output=output,
-        dead_letter=config.dead_letter_stream or base + "dead_letter",
-        done_prefix=base + "done:",
+        dead_letter=dead_letter,
+        done_prefix=done,
         seeded=base + "seeded",
         input_columns=input_columns_key(output),
+        dead_done_prefix=dead_done,
     )
 
 

@@ -12,7 +12,8 @@ Per batch (XREADGROUP of up to `batch_size` entries, or XAUTOCLAIM of a dead wor
   4. score the batch with the model (one call of its scoring path; during an experiment, each
      arm's events with its own version, `arms.py`), then write the entities' new
      latest values into the online store (`RedisOnlineStore.update_entities`);
-  5. the emit script (`emit.py`): decisions, outputs, dead letters, then XACK, atomically.
+  5. the emit script (`emit.py`): decisions, outputs, dead letters, then XACK, atomically (on a
+     Redis Cluster split by slot, outputs and dead letters before the XACK: docs/streaming.md).
 Steps 4 (online write) and 5 run in the sink thread (`sink.BatchSink`) while the next batch is
 read and folded: one batch in flight (`_InFlight`).
 
@@ -38,6 +39,7 @@ import redis
 
 from ml_platform import features as fr
 from ml_platform.featurestore.online import OnlineStoreError, RedisOnlineStore
+from ml_platform.featurestore.redis_cluster import is_cluster_client
 from ml_platform.featurestore.streaming import EVENT_ID, PendingFold, StreamingUpdater
 from ml_platform.serving.scoring import LoadedModel
 from ml_platform.serving.stream.arms import arm_items
@@ -81,7 +83,7 @@ class StreamWorker:
         self.updater = updater
         self.model_source = model_source
         self.config = config or StreamConfig()
-        self.names = stream_names(project, self.config)
+        self.names = stream_names(project, self.config, cluster=is_cluster_client(client))
         self.consumer = self.config.consumer or default_consumer_name()
         self.stats = WorkerStats(fold_seconds=updater.phase_seconds)
         self._emit = Emitter(client, self.names, self.config, self.consumer)
