@@ -14,6 +14,7 @@ rows are numbered, and the answer is put back in their order by that number (a s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -95,9 +96,12 @@ def resolve_source_path(source: FileSource, repo_path: Path) -> str:
     return str(path if path.is_absolute() else Path(repo_path) / path)
 
 
-def scan_sql(path: str, file_format: str = "parquet", *, what: str = "source") -> str:
+def scan_sql(
+    path: str, file_format: str = "parquet", *, what: str = "source", file_row_number: bool = False
+) -> str:
     """A DuckDB table function reading `path`: one file, a glob, or a directory (all files below
-    it, hive-style `key=value` folders included; the partition column itself is not added)."""
+    it, hive-style `key=value` folders included; the partition column itself is not added).
+    `file_row_number`: Parquet only, adds the row's number within its file (`file_row_number`)."""
     is_glob = any(ch in path for ch in "*?[")
     ext = "csv" if file_format == "csv" else "parquet"
     if not is_glob:
@@ -112,7 +116,8 @@ def scan_sql(path: str, file_format: str = "parquet", *, what: str = "source") -
         return (
             f"read_csv({quote_literal(path)}, header = true, union_by_name = true, hive_partitioning = false)"
         )
-    return f"read_parquet({quote_literal(path)}, union_by_name = true, hive_partitioning = false)"
+    numbered = ", file_row_number = true" if file_row_number else ""
+    return f"read_parquet({quote_literal(path)}, union_by_name = true, hive_partitioning = false{numbered})"
 
 
 def relation_columns(con, relation_sql: str, *, what: str) -> dict[str, str]:
@@ -174,9 +179,13 @@ def raw_feature_table(view: FeatureView, source_scan: str) -> FeatureTable:
     return FeatureTable(view, sql, has_ties=src.created_timestamp_column is not None)
 
 
-def materialized_feature_table(view: FeatureView, table_scan: str) -> FeatureTable:
-    """A FeatureTable over a materialized aggregate table (already one row per keys and time)."""
-    cols = [quote_identifier(k) for k in view.join_keys] + [FEATURE_TS, CREATED_TS]
+FILE_ROW = "__file_row"  # numbered_feature_table's extra column: the row's number in its file
+
+
+def materialized_feature_table(view: FeatureView, table_scan: str, extra: Sequence[str] = ()) -> FeatureTable:
+    """A FeatureTable over a materialized aggregate table (already one row per keys and time).
+    `extra`: more SQL select items of the scan (e.g. the file row number, for batch scoring)."""
+    cols = [quote_identifier(k) for k in view.join_keys] + [FEATURE_TS, CREATED_TS, *extra]
     feats = [
         f"CAST({quote_identifier(f.name)} AS {f.dtype.duckdb_type}) AS {quote_identifier(f.name)}"
         for f in view.schema

@@ -307,6 +307,23 @@ class FeatureStore:
         self._check_source_columns(con, view, scan, [*needed, *view.feature_names])
         return offline.raw_feature_table(view, scan)
 
+    def numbered_feature_table(self, con, view: FeatureView) -> tuple[offline.FeatureTable, Path] | None:
+        """An aggregated view's materialized table as `feature_table` gives it (same checks), with
+        one more column, `offline.FILE_ROW` = the row's number in its Parquet file, and that file;
+        None for a view read from its raw source. Batch scoring joins on it and reads the values by
+        row number (`serving.batch_positions`)."""
+        if not view.aggregations:
+            return None
+        self.feature_table(con, view)  # the checks: materialized, from the current definition
+        path = self.offline_table_path(view.name)
+        scan = offline.scan_sql(
+            str(path), what=f"feature view {view.name!r} offline table", file_row_number=True
+        )
+        table = offline.materialized_feature_table(
+            view, scan, extra=[f"file_row_number AS {offline.FILE_ROW}"]
+        )
+        return table, path
+
     def _plan(
         self, features: list[str], full_feature_names: bool
     ) -> list[tuple[FeatureView, list[tuple[str, str]]]]:

@@ -140,6 +140,7 @@ def score_partition(
     staging_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(staging_dir)
     staging = staging_dir / f"{day.isoformat()}-{uuid.uuid4().hex[:12]}.duckdb"
+    columns_dir = staging_dir / f"{staging.stem}.columns"  # the by-number views' answers
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}  # the same phases' CPU seconds (all threads of the process)
     if log_dir is None:
@@ -152,7 +153,7 @@ def score_partition(
             timings["load_s"] = time.perf_counter() - t
             cpu["load_s"] = time.process_time() - c
             t, c = time.perf_counter(), time.process_time()
-            staged = stage_features(con, store, contract.feature_refs, events_sql)
+            staged = stage_features(con, store, contract.feature_refs, events_sql, columns_dir)
             timings["features_s"] = time.perf_counter() - t
             cpu["features_s"] = time.process_time() - c
             t, c = time.perf_counter(), time.process_time()
@@ -208,6 +209,7 @@ def score_partition(
         for leftover in (staging, staging.with_name(staging.name + ".wal")):
             leftover.unlink(missing_ok=True)
         shutil.rmtree(staging_dir / f"{staging.stem}.tmp", ignore_errors=True)
+        shutil.rmtree(columns_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
     return {
         "day": day.isoformat(),

@@ -1,0 +1,96 @@
+"""Batch scoring's looked-up features read by row number (`serving.batch_positions`): the same
+chunks, value for value and type for type, as the join that carries every feature, on the real
+views; answers nulled by the TTL or by no earlier row; values gathered across skipped row groups."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from ml_platform import features as fr
+from ml_platform.serving import batch
+from ml_platform.serving.batch_features import chunk_reader, events_relation, stage_features
+from ml_platform.serving.batch_positions import _row_groups
+from ml_platform.serving.scoring import load_champion
+from ml_platform.sources.generator import GeneratorConfig, write_day
+
+try:
+    from fixtures_platform import SMALL_CONFIG, tiny_platform  # tiny_platform: a fixture, used by name
+except ImportError:  # ml_platform_tests imported as a package
+    from ml_platform_tests.fixtures_platform import SMALL_CONFIG, tiny_platform  # noqa: F401
+
+
+def test_values_are_gathered_by_file_row_across_skipped_row_groups(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"v": np.arange(100) * 1.5}), path, row_group_size=10)
+    parquet = pq.ParquetFile(path)
+    by_row = np.array([-1, 15, 37, 12, -1, 99, 30])  # file rows matched by 7 events (-1: none)
+
+    groups, index = _row_groups(parquet, by_row)
+
+    assert groups == [1, 3, 9]  # only the groups holding a match are read
+    values = parquet.read_row_groups(groups, columns=["v"]).column("v").to_numpy()
+    matched = by_row >= 0
+    np.testing.assert_array_equal(values[index[matched]], by_row[matched] * 1.5)
+    assert (index[~matched] == 0).all()
+
+
+def staged_chunks(store, model, day, tmp_path, by_number: bool):
+    files = batch.raw_partition_files(store, day)
+    columns_dir = tmp_path / f"columns_{by_number}" if by_number else None
+    with contextlib.closing(batch._staging_connection(store, tmp_path / f"s_{by_number}.duckdb", None)) as con:
+        events_sql, _, columns = events_relation(con, files, model.contract.request_columns)
+        staged = stage_features(con, store, model.contract.feature_refs, events_sql, columns_dir)
+        chunks = list(chunk_reader(con, events_sql, columns, staged, 37))
+    return staged, pa.Table.from_batches(chunks)
+
+
+@pytest.fixture(scope="module")
+def extra_days(tiny_platform):
+    """Two generated days after the history: "late", 45 days on (every card holder's windowed
+    features past their 30-day TTL, answered null; the profile view has no TTL and answers), and
+    "new", the next day with twice the card holders (the new half has no earlier row: null)."""
+    last = pd.to_datetime(tiny_platform.events[fr.EVENT_TS], utc=True).max().date()
+    config = {k: v for k, v in SMALL_CONFIG.items() if k != "days"}
+    late, new = last + timedelta(days=45), last + timedelta(days=1)
+    write_day(GeneratorConfig(start=late, days=1, **config), late, tiny_platform.settings.raw_dir)
+    config["n_users"] *= 2
+    write_day(GeneratorConfig(start=new, days=1, **config), new, tiny_platform.settings.raw_dir)
+    return {"late": late, "new": new, "last": last}
+
+
+@pytest.mark.parametrize("which", ["last", "late", "new"])
+def test_by_number_views_give_the_wide_joins_chunks_exactly(tiny_platform, extra_days, tmp_path, which):
+    store, model = tiny_platform.store, load_champion(tiny_platform.registry)
+    day = extra_days[which]
+
+    wide_views, wide = staged_chunks(store, model, day, tmp_path, by_number=False)
+    number_views, by_number = staged_chunks(store, model, day, tmp_path, by_number=True)
+
+    # the aggregated views took the by-number path (on the late day no feature row is young
+    # enough to answer: no join at all), the raw profile view the wide join
+    taken = {v.view: v.positional is not None for v in number_views}
+    windowed = ("user_transaction_stats", "merchant_transaction_stats", "user_merchant_stats")
+    if which == "late":
+        assert not any(taken.values()) and all(v.table is None for v in number_views if v.view in windowed)
+    else:
+        assert all(taken[v] for v in windowed), taken
+    assert not taken["user_profile"] and not any(v.positional for v in wide_views)
+    assert by_number.schema.equals(wide.schema)
+    for name in wide.column_names:
+        assert by_number.column(name).equals(wide.column(name)), name
+    counts = wide.column("txn_count_30d")
+    if which == "late":  # nulled by the TTL, not by a missing row: the profile still answers
+        assert counts.null_count == len(wide)
+        assert wide.column("account_age_days").null_count < len(wide)
+    elif which == "new":  # answers, and nulls for the card holders with no earlier row
+        assert 0 < counts.null_count < len(wide) and pc.max(counts).as_py() > 1
+    else:  # every card holder has history within the TTL: real answers throughout
+        assert counts.null_count == 0 and pc.max(counts).as_py() > 1
