@@ -45,7 +45,9 @@ def test_values_are_gathered_by_file_row_across_skipped_row_groups(tmp_path):
 def staged_chunks(store, model, day, tmp_path, by_number: bool):
     files = batch.raw_partition_files(store, day)
     columns_dir = tmp_path / f"columns_{by_number}" if by_number else None
-    with contextlib.closing(batch._staging_connection(store, tmp_path / f"s_{by_number}.duckdb", None)) as con:
+    with contextlib.closing(
+        batch._staging_connection(store, tmp_path / f"s_{by_number}.duckdb", None)
+    ) as con:
         events_sql, _, columns = events_relation(con, files, model.contract.request_columns)
         staged = stage_features(con, store, model.contract.feature_refs, events_sql, columns_dir)
         chunks = list(chunk_reader(con, events_sql, columns, staged, 37))
