@@ -138,6 +138,7 @@ def stage_features(
                         arrow_types,
                         n_events,
                         columns_dir / f"view_{i}",
+                        threads=_threads(con),
                     )
                 except duckdb.Error as exc:
                     raise RuntimeError(
@@ -177,6 +178,11 @@ def stage_features(
             )
         )
     return staged
+
+
+def _threads(con) -> int:
+    """DuckDB's threads on this connection (the gathers use as many)."""
+    return int(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
 
 
 def _answering_rows(table: offline.FeatureTable, first, last) -> offline.FeatureTable:

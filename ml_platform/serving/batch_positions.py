@@ -24,6 +24,7 @@ or that is not numeric or boolean, makes the view take the wide join instead (`b
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def stage_positional(
     types: tuple,
     n_events: int,
     folder: Path,
+    threads: int = 1,
 ) -> PositionalView:
     """Join the day's entity rows (`offline.ENTITY_TABLE` on `con`) to the numbered table
     `table` (already cut to the rows that can answer the day), then gather every feature into
@@ -125,23 +127,29 @@ def stage_positional(
             "this is a bug in batch scoring"
         )
     del rows, matched
-    parquet = pq.ParquetFile(path)
-    groups, index = _row_groups(parquet, by_row)
+    groups, index = _row_groups(pq.ParquetFile(path), by_row)
     folder.mkdir(parents=True, exist_ok=True)
     answered = by_row >= 0
-    for i, name in enumerate(features):
+
+    def gather(i: int) -> None:
         if groups:
-            column = parquet.read_row_groups(groups, columns=[name]).column(name).combine_chunks()
-            valid = column.is_valid().to_numpy(zero_copy_only=False)
-            values = pc.fill_null(column, False if types[i] == pa.bool_() else 0).to_numpy(
-                zero_copy_only=False
+            name = features[i]
+            column = (
+                pq.ParquetFile(path).read_row_groups(groups, columns=[name]).column(name).combine_chunks()
             )
+            valid = column.is_valid().to_numpy(zero_copy_only=False)
+            fill = False if types[i] == pa.bool_() else 0
+            values = pc.fill_null(column, fill).to_numpy(zero_copy_only=False)
             del column
             gathered, ok = values[index], valid[index] & answered
         else:  # no event matched a row: every answer is null
             gathered, ok = np.zeros(n_events, dtype=_numpy_type(types[i])), np.zeros(n_events, dtype=bool)
         gathered.tofile(folder / f"{i}.values")
         ok.tofile(folder / f"{i}.valid")
+
+    # reading, gathering and writing release the GIL: one column per thread
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="batch-gather") as pool:
+        list(pool.map(gather, range(len(features))))
     return PositionalView(view.name, tuple(features), types, folder, n_events, time.perf_counter() - started)
 
 
