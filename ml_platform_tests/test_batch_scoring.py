@@ -447,28 +447,6 @@ def test_without_a_c_compiler_the_classifier_scores_the_matrix(tiny_platform, ch
     )
 
 
-def test_the_kernel_is_never_loaded_from_a_directory_others_can_write(champion, tmp_path):
-    """The compiled library is loaded from <tmp>/ml_platform-<uid>: if that directory is writable by
-    others (someone could have put a library there), the kernel is not used at all."""
-    import os
-
-    shared = tmp_path / f"ml_platform-{os.getuid()}"
-    shared.mkdir()
-    shared.chmod(0o777)
-    batch_trees.release()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(batch_trees.tempfile, "tempdir", str(tmp_path))
-            assert batch_trees.NativeTrees.of(champion.model[-1]) is None
-            assert not list(shared.iterdir())  # nothing compiled into it either
-            shared.chmod(0o700)
-            batch_trees.release()
-            assert batch_trees.NativeTrees.of(champion.model[-1]) is not None  # a private one is used
-            assert [p.suffix for p in shared.iterdir()] == [".so"]
-    finally:
-        batch_trees.release()  # the next user loads the library from the real temp directory again
-
-
 def test_the_log_is_the_same_whichever_path_scored(tiny_platform, champion, days, tmp_path):
     """The prediction log of the compiled path equals the reference path's, column by column (typed
     model inputs with nulls, request fields, decisions), but for how and when it ran."""
