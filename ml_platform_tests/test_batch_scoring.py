@@ -276,12 +276,14 @@ def test_the_swap_waits_for_readers_and_a_held_lock_fails_cleanly(tiny_platform,
     reader.wait(10)
     assert time.monotonic() - started >= 1.0 and result["rows"] == len(previous)
 
-    # Another writer holding the file past the timeout: a clear error, previous rows kept.
-    writer = hold_database(db, "write", 3)
+    # Another writer holding the file past the timeout: a clear error, previous rows kept. (It
+    # holds it until killed: the scoring before the swap may take seconds on a loaded machine.)
+    writer = hold_database(db, "write", 600)
     try:
         with pytest.raises(PredictionsLockedError, match="read-only connections"):
             score_partition(tiny_platform.store, champion, days[0], db, lock_timeout_s=1)
     finally:
+        writer.kill()
         writer.wait(15)
     after = by_id(read_predictions(db, days[0]))
     pd.testing.assert_frame_equal(after.drop(columns="scored_at"), previous.drop(columns="scored_at"))
