@@ -241,6 +241,26 @@ def test_model_handles_unseen_categories_and_missing_values(trained):
     assert p.shape == (3,) and np.isfinite(p).all()
 
 
+def test_a_feature_null_in_every_training_row_trains_and_is_ignored(trained, caplog):
+    """Label aggregates are null everywhere in an early train split (no label matured yet):
+    scikit-learn's HistGradientBoosting fails on an all-missing column; the model trains, warns,
+    and its scores do not depend on that feature (it could not have learnt from it)."""
+    split, _, _ = trained
+    train = split.train.copy()
+    train["merchant_fraud_rate_30d"] = np.nan
+    with caplog.at_level("WARNING", logger="ml_platform.training.model"):
+        model, contract = train_model(train, split.validation, params=FAST)
+    assert "merchant_fraud_rate_30d" in caplog.text and "null in all" in caplog.text
+    rows = split.test.head(200)
+    scored = [
+        fraud_probability(model, contract, rows.assign(merchant_fraud_rate_30d=value))
+        for value in (np.nan, 0.0, 0.9)
+    ]
+    np.testing.assert_array_equal(scored[0], scored[1])
+    np.testing.assert_array_equal(scored[0], scored[2])
+    assert scored[0].std() > 0  # the other features still score
+
+
 def test_train_model_refuses_single_class_train_split(frame):
     train = frame[frame[LABEL] == 0].head(100)
     with pytest.raises(ValueError, match="single class"):
@@ -390,14 +410,17 @@ def test_drift_split_trains_on_the_history_and_the_first_mature_post_drift_rows_
     delays = [1.0] * 20
     delays[3] = delays[12] = 30.0
     ev = [T0 + i * day for i in range(20)]
-    frame = pd.DataFrame({
-        "transaction_id": [f"t{i}" for i in range(20)],
-        EVENT_TS: ev,
-        LABEL: [i % 2 for i in range(20)],
-        LABEL_TS: [e + d * day for e, d in zip(ev, delays)],
-    })
-    split = drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day,
-                        train_frac=0.5, val_frac=0.25)
+    frame = pd.DataFrame(
+        {
+            "transaction_id": [f"t{i}" for i in range(20)],
+            EVENT_TS: ev,
+            LABEL: [i % 2 for i in range(20)],
+            LABEL_TS: [e + d * day for e, d in zip(ev, delays)],
+        }
+    )
+    split = drift_split(
+        frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day, train_frac=0.5, val_frac=0.25
+    )
     # mature post-drift rows with a label known at as_of: days 10, 11, 13, 14, 15, 16, 17 (n = 7);
     # cuts at sorted[int(3.5)] = day 14 and sorted[int(5.25)] = day 16
     assert split.train_cut == T0 + 14 * day and split.validation_cut == T0 + 16 * day
@@ -407,15 +430,24 @@ def test_drift_split_trains_on_the_history_and_the_first_mature_post_drift_rows_
     assert list(split.test["transaction_id"]) == ["t16", "t17"]
     assert split.rows_without_known_label == 4  # t3, t12 (late labels), t18, t19 (immature)
     # Keeping 4 days of history before the drift: days 6-9 (not 0-5) of it train.
-    recent = drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day,
-                         train_frac=0.5, val_frac=0.25, history=4 * day)
+    recent = drift_split(
+        frame,
+        since=T0 + 10 * day,
+        as_of=T0 + 20 * day,
+        settling=3 * day,
+        train_frac=0.5,
+        val_frac=0.25,
+        history=4 * day,
+    )
     assert list(recent.train["transaction_id"]) == ["t6", "t7", "t8", "t9", "t10", "t11", "t13"]
     assert list(recent.test["transaction_id"]) == ["t16", "t17"]
     assert recent.rows_without_known_label == 9  # t0-t5 (t3 among them), t12, t18, t19
     with pytest.raises(ValueError, match="no post-drift event is mature yet"):
         drift_split(frame, since=T0 + 18 * day, as_of=T0 + 20 * day, settling=3 * day)
     with pytest.raises(ValueError, match="train_frac"):
-        drift_split(frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day, train_frac=0.8, val_frac=0.3)
+        drift_split(
+            frame, since=T0 + 10 * day, as_of=T0 + 20 * day, settling=3 * day, train_frac=0.8, val_frac=0.3
+        )
 
 
 def test_drift_split_cuts_by_the_frauds_so_the_test_quarter_gets_its_share_of_them():
@@ -425,9 +457,14 @@ def test_drift_split_cuts_by_the_frauds_so_the_test_quarter_gets_its_share_of_th
     # 100 post-drift events one hour apart from T0; frauds only among the first 30 (ids 0, 3, ..., 27:
     # 10 frauds), labels known an hour later; as_of far enough that all are mature.
     ev = [T0 + i * hour for i in range(100)]
-    frame = pd.DataFrame({"transaction_id": [f"t{i}" for i in range(100)], EVENT_TS: ev,
-                          LABEL: [int(i < 30 and i % 3 == 0) for i in range(100)],
-                          LABEL_TS: [e + hour for e in ev]})
+    frame = pd.DataFrame(
+        {
+            "transaction_id": [f"t{i}" for i in range(100)],
+            EVENT_TS: ev,
+            LABEL: [int(i < 30 and i % 3 == 0) for i in range(100)],
+            LABEL_TS: [e + hour for e in ev],
+        }
+    )
     assert frame[LABEL].sum() == 10 >= DRIFT_SPLIT_MIN_FRAUDS
     split = drift_split(frame, since=T0, as_of=T0 + 30 * pd.Timedelta(days=1), settling=pd.Timedelta(days=7))
     # fraud event times: hours 0, 3, ..., 27; t1 = the 5th (hour 15), t2 = the 7th (int(7.5) = 7: hour 21)

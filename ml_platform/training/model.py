@@ -3,6 +3,7 @@ contract, with the decision threshold chosen on the validation split."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from ml_platform.training.model_types import DEFAULT_MODEL_TYPE, get_model_type
 # The default model type's params (HistGradientBoosting), for callers that show or override them.
 DEFAULT_PARAMS: dict[str, Any] = get_model_type(DEFAULT_MODEL_TYPE).default_params
 THRESHOLD_RULE = "max_f1_on_validation"
+_log = logging.getLogger(__name__)
 
 
 def build_pipeline(
@@ -57,6 +59,24 @@ def known_categories(contract: ModelContract, frame: pd.DataFrame) -> dict[str, 
     }
 
 
+def _fillable_inputs(contract: ModelContract, train: pd.DataFrame) -> pd.DataFrame:
+    """The train split's model input, with a numeric input that is null in EVERY row (label
+    aggregates before any label matured, say) set to 0.0: the model cannot use such a column either
+    way (a constant has no split), and scikit-learn's HistGradientBoosting fails on an all-missing
+    one ("window shape cannot be larger than input array shape"). Logged as a warning."""
+    X = contract.model_input(train)
+    empty = [c for c in contract.numeric_features if len(X) and X[c].isna().all()]
+    if empty:
+        _log.warning(
+            "feature(s) %s are null in all %d training rows: the model cannot use them (train on a "
+            "longer window for them to count)",
+            empty,
+            len(X),
+        )
+        X[empty] = 0.0
+    return X
+
+
 def train_model(
     train: pd.DataFrame,
     val: pd.DataFrame,
@@ -87,7 +107,7 @@ def train_model(
             f"Train split has a single class ({label}={int(y_train[0]) if len(y_train) else 'n/a'}, "
             f"{len(y_train)} rows); use a longer data window"
         )
-    model.fit(contract.model_input(train), y_train)
+    model.fit(_fillable_inputs(contract, train), y_train)
     threshold = choose_threshold(val[label].astype(int).to_numpy(), fraud_probability(model, contract, val))
     trained = contract.with_training(kind.name, known_categories(contract, train))
     return model, trained.with_threshold(threshold, THRESHOLD_RULE)
