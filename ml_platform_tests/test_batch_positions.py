@@ -27,15 +27,22 @@ except ImportError:  # ml_platform_tests imported as a package
     from ml_platform_tests.fixtures_platform import SMALL_CONFIG, tiny_platform  # noqa: F401
 
 
-def test_values_are_gathered_by_file_row_across_skipped_row_groups(tmp_path):
+@pytest.mark.parametrize("sizes", [[10] * 10, [10, 10, 5, 15, 20, 40]])  # equal groups, and not
+def test_values_are_gathered_by_file_row_across_skipped_row_groups(tmp_path, sizes):
     path = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"v": np.arange(100) * 1.5}), path, row_group_size=10)
+    with pq.ParquetWriter(path, pa.schema([("v", pa.float64())])) as writer:
+        start = 0
+        for size in sizes:
+            writer.write_table(pa.table({"v": np.arange(start, start + size) * 1.5}))
+            start += size
     parquet = pq.ParquetFile(path)
+    assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)] == sizes
     by_row = np.array([-1, 15, 37, 12, -1, 99, 30])  # file rows matched by 7 events (-1: none)
 
     groups, index = _row_groups(parquet, by_row)
 
-    assert groups == [1, 3, 9]  # only the groups holding a match are read
+    holding = sorted({int(np.searchsorted(np.cumsum(sizes), r, side="right")) for r in (15, 37, 12, 99, 30)})
+    assert groups == holding and len(groups) < len(sizes)  # only the groups holding a match are read
     values = parquet.read_row_groups(groups, columns=["v"]).column("v").to_numpy()
     matched = by_row >= 0
     np.testing.assert_array_equal(values[index[matched]], by_row[matched] * 1.5)

@@ -161,16 +161,20 @@ def _row_groups(parquet: pq.ParquetFile, by_row: np.ndarray) -> tuple[list[int],
     starts = np.zeros(meta.num_row_groups + 1, dtype=np.int64)
     for g in range(meta.num_row_groups):
         starts[g + 1] = starts[g] + meta.row_group(g).num_rows
+    answered = by_row >= 0
+    sizes = np.diff(starts)
+    position = np.where(answered, by_row, 0)
+    if len(sizes) and (sizes[:-1] == sizes[0]).all():  # equal groups (as writers make them): divide
+        group_of = np.minimum(position // max(int(sizes[0]), 1), len(sizes) - 1)
+    else:
+        group_of = np.searchsorted(starts, position, side="right") - 1
     needed = np.zeros(meta.num_row_groups, dtype=bool)
-    matched = by_row[by_row >= 0]
-    if len(matched):
-        needed[np.unique(np.searchsorted(starts, matched, side="right") - 1)] = True
+    needed[group_of[answered]] = True
     groups = np.flatnonzero(needed)
     compact = np.zeros(meta.num_row_groups, dtype=np.int64)  # where each kept group starts, kept rows
-    sizes = np.diff(starts)[groups]
-    compact[groups] = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(groups) else []
-    group_of = np.searchsorted(starts, np.maximum(by_row, 0), side="right") - 1
-    index = np.where(by_row >= 0, by_row - starts[group_of] + compact[group_of], 0)
+    kept = sizes[groups]
+    compact[groups] = np.concatenate([[0], np.cumsum(kept)[:-1]]) if len(groups) else []
+    index = np.where(answered, by_row - starts[group_of] + compact[group_of], 0)
     return groups.tolist(), index
 
 
