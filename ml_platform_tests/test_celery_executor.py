@@ -47,17 +47,41 @@ def rabbitmqctl(*args: str) -> None:
 
 
 def platform_env(root: Path, project: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ML_PLATFORM_", "MLFLOW_", "REDIS_URL", "DAGSTER_"))}
-    env.update(ML_PLATFORM_DATA_DIR=str(root / "data"), DAGSTER_HOME=str(root / "home"), REDIS_URL=TEST_REDIS_URL,
-               ML_PLATFORM_PROJECT=project, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ML_PLATFORM_", "MLFLOW_", "REDIS_URL", "DAGSTER_"))
+    }
+    env.update(
+        ML_PLATFORM_DATA_DIR=str(root / "data"),
+        DAGSTER_HOME=str(root / "home"),
+        REDIS_URL=TEST_REDIS_URL,
+        ML_PLATFORM_PROJECT=project,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
-def run_jobs(env: dict[str, str], cwd: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", RUN, END.isoformat(), str(DAYS), json.dumps(SOURCE)], env=env,
-                         cwd=cwd, capture_output=True, text=True, timeout=1200, check=False)
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def start_jobs(env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """The training pipeline, then the daily scoring, in a process of their own (see `RUN`)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, END.isoformat(), str(DAYS), json.dumps(SOURCE)],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_jobs(proc: subprocess.Popen) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-4000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert [ok for ok, _, _ in result["runs"]] == [True, True], result["runs"]
     return result
 
@@ -83,10 +107,13 @@ def results(root: Path) -> dict[str, pd.DataFrame]:
     from ml_platform.training.pipeline import load_training_set
 
     data = root / "data"
-    out = {str(p.relative_to(data)): pd.read_parquet(p) for p in sorted((data / "offline").rglob("*.parquet"))}
+    out = {
+        str(p.relative_to(data)): pd.read_parquet(p) for p in sorted((data / "offline").rglob("*.parquet"))
+    }
     out["training_set"] = load_training_set(data)[0]
-    predictions = read_predictions(data / "predictions.duckdb", END,
-                                   columns=["transaction_id", "score", "decision", "model_version"])
+    predictions = read_predictions(
+        data / "predictions.duckdb", END, columns=["transaction_id", "score", "decision", "model_version"]
+    )
     out["predictions"] = predictions.sort_values("transaction_id").reset_index(drop=True)
     return out
 
@@ -94,20 +121,33 @@ def results(root: Path) -> dict[str, pd.DataFrame]:
 @pytest.fixture()
 def celery_platform(tmp_path):
     """Two Celery workers on a vhost of their own, the instance in a database of its own."""
-    vhost, database, project = (f"mlp-{uuid.uuid4().hex[:8]}", f"mlp_celery_{uuid.uuid4().hex[:8]}",
-                                f"test_celery_{uuid.uuid4().hex[:8]}")
+    vhost, database, project = (
+        f"mlp-{uuid.uuid4().hex[:8]}",
+        f"mlp_celery_{uuid.uuid4().hex[:8]}",
+        f"test_celery_{uuid.uuid4().hex[:8]}",
+    )
     rabbitmqctl("add_vhost", vhost)
     workers: list[subprocess.Popen] = []
     try:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         root = tmp_path / "celery"
         env = platform_env(root, project)
-        env.update(ML_PLATFORM_EXECUTOR="celery", ML_PLATFORM_DAGSTER_POSTGRES_URL=create_database(database),
-                   ML_PLATFORM_CELERY_BROKER_URL=f"pyamqp://guest:guest@127.0.0.1:5672/{vhost}")
+        env.update(
+            ML_PLATFORM_EXECUTOR="celery",
+            ML_PLATFORM_DAGSTER_POSTGRES_URL=create_database(database),
+            ML_PLATFORM_CELERY_BROKER_URL=f"pyamqp://guest:guest@127.0.0.1:5672/{vhost}",
+        )
         for i in range(2):
             log = open(tmp_path / f"worker{i}.log", "w")  # noqa: SIM115
-            workers.append(subprocess.Popen([sys.executable, "-m", "ml_platform.cli", "celery-worker", "--name", f"w{i}"],
-                                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "ml_platform.cli", "celery-worker", "--name", f"w{i}"],
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + 90
         while not all("ready." in (tmp_path / f"worker{i}.log").read_text() for i in range(2)):
             assert time.monotonic() < deadline, (tmp_path / "worker0.log").read_text()[-3000:]
@@ -129,9 +169,22 @@ def celery_platform(tmp_path):
         client.close()
 
 
-def test_training_and_daily_jobs_run_on_two_celery_workers_with_the_in_process_results(celery_platform, tmp_path):
+def test_training_and_daily_jobs_run_on_two_celery_workers_with_the_in_process_results(
+    celery_platform, tmp_path
+):
     root, env, worker_pids = celery_platform
-    celery = run_jobs(env, tmp_path)
+    local_root = tmp_path / "local"
+    local_project = f"test_local_{uuid.uuid4().hex[:8]}"
+    local = start_jobs(platform_env(local_root, local_project), tmp_path)
+    try:  # the in-process reference runs side by side with the Celery ones (the suite's time)
+        celery = finish_jobs(start_jobs(env, tmp_path))
+        finish_jobs(local)
+    finally:
+        local.kill()
+        local.wait(30)
+        client = redis.Redis.from_url(TEST_REDIS_URL)
+        delete_project_keys(client, local_project)
+        client.close()
 
     pids_by_run = [step_pids(env, run_id) for _, run_id, _ in celery["runs"]]
     for pids in pids_by_run:
@@ -140,14 +193,6 @@ def test_training_and_daily_jobs_run_on_two_celery_workers_with_the_in_process_r
         assert celery["pid"] not in pids.values()  # none in the process that launched the run
     assert len({pid for pids in pids_by_run for pid in pids.values()}) == 2  # both workers took steps
 
-    local_root = tmp_path / "local"
-    local_project = f"test_local_{uuid.uuid4().hex[:8]}"
-    try:
-        run_jobs(platform_env(local_root, local_project), tmp_path)
-    finally:
-        client = redis.Redis.from_url(TEST_REDIS_URL)
-        delete_project_keys(client, local_project)
-        client.close()
     ours, theirs = results(local_root), results(root)
     assert set(ours) == set(theirs) and len(ours) >= 5
     for name, frame in ours.items():
@@ -155,5 +200,8 @@ def test_training_and_daily_jobs_run_on_two_celery_workers_with_the_in_process_r
         # the same rows and values; a table's row order is not part of the result (DuckDB's windows
         # run on 2 threads)
         by_all = list(frame.columns)
-        pd.testing.assert_frame_equal(frame.sort_values(by_all).reset_index(drop=True),
-                                      theirs[name][by_all].sort_values(by_all).reset_index(drop=True), obj=name)
+        pd.testing.assert_frame_equal(
+            frame.sort_values(by_all).reset_index(drop=True),
+            theirs[name][by_all].sort_values(by_all).reset_index(drop=True),
+            obj=name,
+        )

@@ -124,50 +124,23 @@ def stage_features(
         types = {f.name: f.dtype.duckdb_type for f in view.schema}
         numbered = store.numbered_feature_table(con, view) if columns_dir is not None else None
         arrow_types = numbered and usable_types(pq.ParquetFile(numbered[1]), features, types)
-        if arrow_types:
-            window = _answering_rows(numbered[0], first, last)
-            positional = None
-            if con.execute(f"SELECT count(*) FROM {window.sql}").fetchall()[0][0]:
-                try:
-                    positional = stage_positional(
-                        con,
-                        view,
-                        window,
-                        numbered[1],
-                        features,
-                        arrow_types,
-                        n_events,
-                        columns_dir / f"view_{i}",
-                        threads=_threads(con),
-                    )
-                except duckdb.Error as exc:
-                    raise RuntimeError(
-                        f"point-in-time join for feature view {view.name!r} failed: {exc}"
-                    ) from exc
-            staged.append(
-                StagedView(
-                    view.name,
-                    None,
-                    tuple(features),
-                    tuple(types[f] for f in features),
-                    time.perf_counter() - started,
-                    positional,
-                )
-            )
-            continue
-        table = store.feature_table(con, view)  # checks it is materialized from the current definition
+        # the table's checks (materialized from the current definition) run in either call
+        table = numbered[0] if arrow_types else store.feature_table(con, view)
         window = _answering_rows(table, first, last)
-        (count,) = con.execute(f"SELECT count(*) FROM {window.sql}").fetchall()[0]
-        name = None
-        if count:
-            name = f"features_{i}"
-            sql = offline.point_in_time_sql(window, [(f, f) for f in features])
-            try:
-                con.execute(f"CREATE TABLE {name} AS SELECT * FROM ({sql}) ORDER BY {ENTITY_ROW_ID}")
-            except duckdb.Error as exc:
-                raise RuntimeError(
-                    f"point-in-time join for feature view {view.name!r} failed: {exc}"
-                ) from exc
+        name, positional = None, None
+        try:
+            if con.execute(f"SELECT count(*) FROM {window.sql}").fetchall()[0][0]:
+                if arrow_types:  # joined by row number, the values gathered by it
+                    folder = columns_dir / f"view_{i}"
+                    positional = stage_positional(
+                        con, view, window, numbered[1], features, arrow_types, n_events, folder, _threads(con)
+                    )
+                else:  # the join carries the features
+                    name = f"features_{i}"
+                    sql = offline.point_in_time_sql(window, [(f, f) for f in features])
+                    con.execute(f"CREATE TABLE {name} AS SELECT * FROM ({sql}) ORDER BY {ENTITY_ROW_ID}")
+        except duckdb.Error as exc:
+            raise RuntimeError(f"point-in-time join for feature view {view.name!r} failed: {exc}") from exc
         staged.append(
             StagedView(
                 view.name,
@@ -175,6 +148,7 @@ def stage_features(
                 tuple(features),
                 tuple(types[f] for f in features),
                 time.perf_counter() - started,
+                positional,
             )
         )
     return staged
