@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from datetime import timedelta
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -103,3 +104,58 @@ def test_by_number_views_give_the_wide_joins_chunks_exactly(tiny_platform, extra
         assert 0 < counts.null_count < len(wide) and pc.max(counts).as_py() > 1
     else:  # every card holder has history within the TTL: real answers throughout
         assert counts.null_count == 0 and pc.max(counts).as_py() > 1
+
+
+def test_by_number_answers_by_hand_nulls_ttl_and_no_row(tmp_path):
+    """Five lookups against a hand-made materialized table (two row groups): a match, a match
+    whose value is null, a match past the TTL, a card holder with no row, a null count."""
+    from featurestore_fixtures import T, user
+
+    from ml_platform.featurestore import Field, FileSource, offline
+    from ml_platform.featurestore.definitions import FeatureView, Float64, Int64
+    from ml_platform.serving.batch_positions import stage_positional
+
+    path = tmp_path / "stats.parquet"
+    ts = pa.timestamp("us", tz="UTC")
+    rows = pa.table(
+        {
+            "user_id": pa.array([1, 1, 2], pa.int64()),
+            "event_timestamp": pa.array(
+                [T("2024-01-01 10:00"), T("2024-01-01 11:00"), T("2024-01-01 10:30")], ts
+            ),
+            "created_timestamp": pa.array([None, None, None], ts),
+            "x": pa.array([1.5, None, 4.0], pa.float64()),
+            "n": pa.array([1, 2, None], pa.int64()),
+        }
+    )
+    pq.write_table(rows, path, row_group_size=2)
+    view = FeatureView(
+        name="stats",
+        entities=[user],
+        source=FileSource(path=str(path)),
+        schema=[Field("x", Float64), Field("n", Int64)],
+        ttl=timedelta(hours=1),
+    )
+    scan = offline.scan_sql(str(path), file_row_number=True)
+    table = offline.materialized_feature_table(view, scan, extra=[f"file_row_number AS {offline.FILE_ROW}"])
+    lookups = [(1, "10:30"), (1, "11:30"), (2, "12:00"), (3, "12:00"), (2, "11:00")]
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(
+        f"CREATE TEMP TABLE {offline.ENTITY_TABLE} ({offline.ROW_ID} BIGINT, user_id BIGINT, "
+        f"{offline.ENTITY_TS} TIMESTAMPTZ)"
+    )
+    for i, (u, at) in enumerate(lookups):
+        con.execute(f"INSERT INTO {offline.ENTITY_TABLE} VALUES (?, ?, ?)", [i, u, T(f"2024-01-01 {at}")])
+
+    staged = stage_positional(
+        con, view, table, path, ["x", "n"], (pa.float64(), pa.int64()), 5, tmp_path / "v", 2
+    )
+    x, n = staged.read(0, 5)
+    staged.close()
+
+    # 10:00's row; 11:00's row (x null there); 10:30's row is 90 min old: past the TTL; user 3 has
+    # no row; 10:30's row within the TTL (n null there)
+    assert x.to_pylist() == [1.5, None, None, None, 4.0]
+    assert n.to_pylist() == [1, 2, None, None, None]
+    assert staged.read(3, 5)[0].to_pylist() == [None, 4.0]  # a chunk's row range

@@ -137,11 +137,15 @@ def stage_positional(
             column = (
                 pq.ParquetFile(path).read_row_groups(groups, columns=[name]).column(name).combine_chunks()
             )
-            valid = column.is_valid().to_numpy(zero_copy_only=False)
-            fill = False if types[i] == pa.bool_() else 0
-            values = pc.fill_null(column, fill).to_numpy(zero_copy_only=False)
+            if column.null_count:  # null where the join answered null or the value is null
+                valid = column.is_valid().to_numpy(zero_copy_only=False)
+                fill = False if types[i] == pa.bool_() else 0
+                values = pc.fill_null(column, fill).to_numpy(zero_copy_only=False)
+                ok = valid[index] & answered
+            else:  # no null value (the common case): null where the join answered null
+                values, ok = column.to_numpy(zero_copy_only=False), answered
             del column
-            gathered, ok = values[index], valid[index] & answered
+            gathered = values[index]
         else:  # no event matched a row: every answer is null
             gathered, ok = np.zeros(n_events, dtype=_numpy_type(types[i])), np.zeros(n_events, dtype=bool)
         gathered.tofile(folder / f"{i}.values")
