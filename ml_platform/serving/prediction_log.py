@@ -87,10 +87,8 @@ LOG_SCHEMA = pa.schema(
         ("latency_ms", pa.float64()),  # see docs/serving.md "The prediction log" (per source)
         ("flags", pa.string()),  # JSON object: api: unknown_entity ...; stream: consumer, input_id
         # experiments (`ml_platform.experiments`); null in a prediction made outside one
-        (
-            ROLE_COLUMN,
-            pa.string(),
-        ),  # "live" (answered the caller) or "shadow" (scored beside it); null = live
+        # ROLE_COLUMN: "live" (answered the caller) or "shadow" (scored beside it); null = live
+        (ROLE_COLUMN, pa.string()),
         ("experiment", pa.string()),  # the experiment that routed the prediction
         ("arm", pa.string()),  # the arm (model version) it chose ...
         ("selection_probability", pa.float64()),  # ... with this probability, at decision time
@@ -215,6 +213,7 @@ def legacy_table(table: pa.Table, source: str = "api") -> pa.Table:
     return log_table({**columns, SOURCE_COLUMN: source}, values, len(rows))
 
 
+# The day file's columns with min/max statistics: the ones a reader filters on.
 STATISTICS_COLUMNS = ("predicted_at", "event_timestamp", "user_id", "merchant_id", "model_version")
 
 
@@ -323,7 +322,10 @@ def batch_log_rows(
     """A chunk scored by `batch.score_partition` as log rows: `predictions` (its rows of the
     predictions table), the request fields of `events`, the decision as DECISIONS' words, the
     model inputs (`contract.model_input` of `frame`, what the model read) as typed columns,
-    `latency_ms` the chunk's scoring time per row; all built column-wise."""
+    `latency_ms` the chunk's scoring time per row; all built column-wise.
+
+    Batch scoring itself now uses `batch_columns.log_rows`; this one stays for the benchmark's
+    baseline (bench/batch_scoring.py runs serving/batch.py of 682df2b, which calls it)."""
     contract = loaded_model.contract
     ids = predictions.column("transaction_id")
     decision = pc.if_else(predictions.column("decision"), DECISIONS[0], DECISIONS[1])
