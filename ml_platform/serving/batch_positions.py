@@ -3,16 +3,17 @@ matching feature row's number, and the values are then read by that number.
 
 Why: DuckDB's ASOF join carries every feature column through both of its sorts, and the answers
 must be sorted back into event order and stored; for the user view of a 10M-row day (16 features)
-that is ~37 CPU seconds, while the same join carrying one number is ~6 (bench/batch_scoring.py).
+that is ~37 CPU seconds, while the same join carrying one number is ~6 (measured alone; the
+day's figures are in docs/batch.md).
 So, for a view read from its materialized Parquet table (`FeatureStore.numbered_feature_table`):
 
 1. the offline store's own point-in-time SQL (`offline.point_in_time_sql`, what
    `get_historical_features` runs) answers each event with ONE "feature": the matched row's number
    in the file (`offline.FILE_ROW`). The same keys, time order, TTL (an expired match answers
    null) and null rules as every other consumer: nothing of the join is re-implemented here;
-2. each feature column is read from the Parquet file (only the row groups whose event times can
-   answer the day, by their statistics) and gathered by those numbers into event order: the value
-   of the matched row, null where the join answered null or the value is null;
+2. each feature column is read from the Parquet file (only the row groups that hold a matched
+   row) and gathered by those numbers into event order, on as many threads as DuckDB has: the
+   value of the matched row, null where the join answered null or the value is null;
 3. the gathered columns are written to raw files (values and validity) in the staging folder, and
    each chunk of events reads its row range back (`PositionalView.read`): memory is a few columns
    of the day, not the day's features.
