@@ -82,16 +82,6 @@ def generated():
     return config, frame, generate_users(config)
 
 
-def master_keys(cluster, pattern: str) -> dict[int, list[bytes]]:
-    """Keys matching `pattern` on each master (port -> keys), read node by node."""
-    out = {}
-    for port in cluster.ports:
-        node = redis.Redis(host="127.0.0.1", port=port)
-        out[port] = sorted(node.scan_iter(match=pattern, count=1000))
-        node.close()
-    return out
-
-
 def unlink_on_masters(cluster, pattern: str) -> None:
     """UNLINK every key matching `pattern` on every master (one key per command: a node refuses
     a multi-key command across slots)."""
@@ -108,7 +98,7 @@ def remove_everywhere(cluster, single_client, cluster_project: str, single_proje
     """Delete both projects' keys and check that none is left on the single node or any master."""
     unlink_on_masters(cluster, f"{cluster_project}:*")
     delete_project_keys(single_client, single_project)
-    assert master_keys(cluster, f"{cluster_project}:*") == {p: [] for p in cluster.ports}
+    assert cluster.keys_by_master(f"{cluster_project}:*") == {p: [] for p in cluster.ports}
     assert list(single_client.scan_iter(match=f"{single_project}:*")) == []
 
 
@@ -209,7 +199,7 @@ def test_the_fold_on_a_cluster_fills_the_online_buckets_with_the_single_node_val
 
         # Layout: buffers in all 16 online buckets, on every master; an entity's buffer in the
         # slot of its online values.
-        state = master_keys(redis_cluster, f"{cluster_project}:stream:state:*")
+        state = redis_cluster.keys_by_master(f"{cluster_project}:stream:state:*")
         assert all(len(keys) > 50 for keys in state.values()), {p: len(k) for p, k in state.items()}
         tags = {re.search(rb"\{([^}]*)\}", k).group(1) for keys in state.values() for k in keys}
         assert tags == set(bucket_tags(BUCKETS))
@@ -431,7 +421,7 @@ def test_rewards_and_decisions_on_a_cluster_match_the_single_node_and_count_once
     slots |= {cluster_client.keyslot(store.keys.rewarded("ab", pid)) for pid in pids[:5]}
     slots |= {cluster_client.keyslot(store.active_key)}
     assert len(slots) == 1
-    decisions = master_keys(redis_cluster, f"{store.project}:xd:*")
+    decisions = redis_cluster.keys_by_master(f"{store.project}:xd:*")
     assert all(len(keys) > 100 for keys in decisions.values()), {p: len(k) for p, k in decisions.items()}
 
     # Two processes rewarding the same 200 new decisions at once: each counted exactly once.

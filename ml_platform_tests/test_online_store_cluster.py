@@ -35,17 +35,6 @@ from ml_platform.featurestore.online.entity_keys import (
     entity_field,
     entity_fields_from_rows,
 )
-from ml_platform.featurestore.redis_cluster import LocalRedisCluster
-
-
-def node_keys(cluster: LocalRedisCluster, pattern: str) -> dict[int, list[bytes]]:
-    """Keys matching `pattern` on each master (port -> keys), read node by node."""
-    out = {}
-    for port in cluster.ports:
-        node = redis.Redis(host="127.0.0.1", port=port)
-        out[port] = sorted(node.scan_iter(match=pattern, count=1000))
-        node.close()
-    return out
 
 
 class TestRedisClusterOnlineStore(OnlineStoreContract):
@@ -72,7 +61,7 @@ class TestRedisClusterOnlineStore(OnlineStoreContract):
             with contextlib.suppress(RuntimeError):  # its connections may belong to a finished event loop
                 asyncio.run(store.async_client.aclose())
         for namespace in namespaces:  # every test removed what it wrote, on every master
-            assert node_keys(redis_cluster, namespace + "*") == {p: [] for p in redis_cluster.ports}
+            assert redis_cluster.keys_by_master(namespace + "*") == {p: [] for p in redis_cluster.ports}
 
 
 # ---- the layout
@@ -123,7 +112,7 @@ def test_entities_spread_over_the_masters_and_one_entity_keys_share_a_slot(clust
     try:
         for view in (a, b):
             store.write_view(view, wide_table(ids, 1.0, T0))
-        data = node_keys(redis_cluster, store.namespace + "*:data:*")
+        data = redis_cluster.keys_by_master(store.namespace + "*:data:*")
         per_master = {}
         for port, keys in data.items():
             node = redis.Redis(host="127.0.0.1", port=port)
@@ -221,7 +210,7 @@ def test_a_flip_that_dies_half_committed_serves_the_new_version_and_is_rolled_fo
         }
         versions = {
             k.rsplit(b":", 1)[1]
-            for keys in node_keys(redis_cluster, writer.namespace + "*:data:*").values()
+            for keys in redis_cluster.keys_by_master(writer.namespace + "*:data:*").values()
             for k in keys
         }
         assert versions == {b"3"}  # nothing left of v1 or v2
@@ -309,7 +298,7 @@ def test_retired_versions_with_a_grace_period_are_reaped_from_every_bucket(clust
         assert store.metadata("graced")["retired_versions"] == [1]
 
         def versions_stored():
-            keys = node_keys(redis_cluster, store.namespace + "*:data:*").values()
+            keys = redis_cluster.keys_by_master(store.namespace + "*:data:*").values()
             return sorted({k.rsplit(b":", 1)[1] for ks in keys for k in ks})
 
         assert versions_stored() == [b"1", b"2"]

@@ -142,6 +142,18 @@ class LocalRedisCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def keys_by_master(self, pattern: str) -> dict[int, list[bytes]]:
+        """Keys matching `pattern` on each master (port -> sorted keys), read node by node (to
+        see where the cluster put them)."""
+        out = {}
+        for port in self.ports:
+            node = redis.Redis(host="127.0.0.1", port=port)
+            try:
+                out[port] = sorted(node.scan_iter(match=pattern, count=1000))
+            finally:
+                node.close()
+        return out
+
     @property
     def url(self) -> str:
         """redis+cluster://127.0.0.1:<first port> (any node would do)."""
