@@ -62,15 +62,10 @@ LABEL_VIEWS = ["merchant_fraud_stats"]
 START = date(2026, 11, 1)
 
 
-@pytest.fixture(scope="module")
-def single():
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail(f"these tests need the Redis server at {TEST_REDIS_URL} (.ci/run starts it)")
-    yield client
-    client.close()
+@pytest.fixture()
+def single(client):
+    """The real single Redis (conftest's `client`), the twin of every cluster run."""
+    return client
 
 
 @pytest.fixture(scope="module")

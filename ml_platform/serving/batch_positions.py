@@ -24,7 +24,6 @@ or that is not numeric or boolean, makes the view take the wide join instead (`b
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ml_platform.featurestore import offline
-
-ENTITY_ROW_ID = offline.ROW_ID
 
 # The view's declared DuckDB type -> the Arrow type DuckDB returns it as (the wide join's types).
 ARROW_TYPES = {
@@ -53,12 +50,9 @@ class PositionalView:
     """One view's answers for the day as raw column files (`folder/<i>.values`, `.valid`), in
     event order; `read(lo, hi)` gives the rows [lo, hi) as Arrow arrays."""
 
-    view: str
     features: tuple[str, ...]
     types: tuple[pa.DataType, ...]
     folder: Path
-    rows: int
-    seconds: float = 0.0
     _files: list = field(default_factory=list, repr=False)
 
     def read(self, lo: int, hi: int) -> list[pa.Array]:
@@ -109,10 +103,9 @@ def stage_positional(
     """Join the day's entity rows (`offline.ENTITY_TABLE` on `con`) to the numbered table
     `table` (already cut to the rows that can answer the day), then gather every feature into
     event order under `folder` (see the module docstring)."""
-    started = time.perf_counter()
     sql = offline.point_in_time_sql(table, [(offline.FILE_ROW, offline.FILE_ROW)])
     answers = con.sql(sql).to_arrow_table()
-    rows = answers.column(ENTITY_ROW_ID).to_numpy()
+    rows = answers.column(offline.ROW_ID).to_numpy()
     matched = pc.fill_null(answers.column(offline.FILE_ROW), -1).to_numpy()
     del answers
     if len(rows) != n_events:
@@ -155,7 +148,7 @@ def stage_positional(
     # reading, gathering and writing release the GIL: one column per thread
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="batch-gather") as pool:
         list(pool.map(gather, range(len(features))))
-    return PositionalView(view.name, tuple(features), types, folder, n_events, time.perf_counter() - started)
+    return PositionalView(tuple(features), types, folder)
 
 
 def _row_groups(parquet: pq.ParquetFile, by_row: np.ndarray) -> tuple[list[int], np.ndarray]:
