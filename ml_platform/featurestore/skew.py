@@ -183,6 +183,7 @@ def _check_view(
     offline = store.get_historical_features(
         entity_df, [f"{view.name}:{n}" for n in names], full_feature_names=True
     )
+    offline_values = {name: offline[f"{view.name}__{name}"].tolist() for name in names}  # not .iloc per cell
     by_feature: Counter[str] = Counter()
     bad_entities = 0
     for pos, i in enumerate(compared):
@@ -196,7 +197,7 @@ def _check_view(
                 row_mismatches.append((TIMESTAMP_FEATURE, TIMESTAMP, on_ts, offline_ts))
             for name in names:
                 on = online[f"{view.name}__{name}"][i]
-                off = _scalar(offline[f"{view.name}__{name}"].iloc[pos])
+                off = _scalar(offline_values[name][pos])
                 report.compared_values += 1
                 if not _same(on, off, rtol):
                     kind = NULL_VS_VALUE if _is_null(on) or _is_null(off) else VALUE
