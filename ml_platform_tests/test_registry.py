@@ -177,6 +177,43 @@ def test_loaded_model_predicts_exactly_like_the_trained_one(registry_with_versio
     np.testing.assert_array_equal(by_alias.predict_proba(x), model.predict_proba(x))
 
 
+def test_a_version_loaded_again_in_the_process_is_not_downloaded_again(registry_with_versions, monkeypatch):
+    from ml_platform.registry import model_registry
+    from ml_platform.registry.loading import LOADED_VERSIONS
+
+    root, registry, _ = registry_with_versions
+    LOADED_VERSIONS.clear()
+    first, contract = registry.load_model(3)
+    assert registry.load_model(1)[0] is not first  # another version is another model
+
+    def no_download(**kwargs):
+        raise AssertionError(f"downloaded again: {kwargs}")
+
+    monkeypatch.setattr(model_registry.mlflow.artifacts, "download_artifacts", no_download)
+    again, again_contract = registry.load_model(3)
+    assert again is first and again_contract == contract
+    with pytest.raises(AssertionError, match="fraud_detector/4"):  # v4 was not loaded: it is downloaded
+        registry.load_model("challenger")
+    with pytest.raises(AssertionError, match="downloaded again"):  # a serving host's copy always downloads
+        registry.load_model(3, copy_to=root / "copy")
+
+
+def test_version_1_of_two_stores_is_each_stores_own_model(tmp_path, trained):
+    """The process's loaded models are keyed by the store too (and by the version's run)."""
+    from ml_platform.registry import ModelRegistry
+
+    split, models = trained
+    for name in ("medium", "good"):
+        registry = ModelRegistry(f"sqlite:///{tmp_path / name / 'mlflow.db'}", MODEL)
+        model, contract = models[name]
+        assert registry.log_and_register(model, contract, metrics={}, params={}, data_version="d",
+                                         code_version="c", run_name=name, who="t").version == 1
+        loaded, loaded_contract = registry.load_model(1)
+        assert loaded_contract.feature_refs == contract.feature_refs, name
+        x = contract.model_input(split.test)
+        np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+
+
 def test_contract_round_trips_through_the_registry(registry_with_versions, trained):
     _, registry, _ = registry_with_versions
     _, models = trained

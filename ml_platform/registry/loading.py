@@ -42,3 +42,41 @@ def load_skops_model(local_dir: Path, label: str) -> Any:
             "review them and add them to ml_platform.registry.loading.TRUSTED_MODEL_TYPES if they are safe"
         )
     return skops.io.load(path, trusted=sorted(untrusted))
+
+
+class LoadedVersions:
+    """The models this process loaded, by (tracking URI, model name, version, run id): a registered
+    version's artifacts never change (MLflow numbers versions once; the run id tells a version of a
+    store recreated at the same path from the old one), so loading it again in the same process
+    (the daily jobs of `ml-platform demo` and of a scenario, a promotion comparing the champion
+    again) reuses what was loaded instead of downloading and re-checking the skops file. The
+    newest `size` are kept. Callers only read the models they get (predict); none modifies them."""
+
+    def __init__(self, size: int = 4):
+        import threading
+        from collections import OrderedDict
+
+        self.size = size
+        self._items: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[Any, Any] | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple, model: Any, contract: Any) -> None:
+        with self._lock:
+            self._items[key] = (model, contract)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+LOADED_VERSIONS = LoadedVersions()

@@ -18,7 +18,7 @@ from ml_platform.redaction import redact_url
 from ml_platform.registry import lineage
 from ml_platform.registry._mlflow import MlflowClient, MlflowException, fluent, infer_signature, mlflow
 from ml_platform.registry.audit import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, AliasAuditTrail
-from ml_platform.registry.loading import load_skops_model
+from ml_platform.registry.loading import LOADED_VERSIONS, load_skops_model
 from ml_platform.registry.promotion import PromotionDecision, check_promotion_metric, decide
 from ml_platform.settings import DEFAULT_MODEL_NAME, DEFAULT_PROMOTION_MARGIN, DEFAULT_PROMOTION_METRIC
 from ml_platform.training.contract import CONTRACT_FILE, ModelContract
@@ -332,9 +332,16 @@ class ModelRegistry:
         The skops file is loaded with the platform's own type allow-list (TRUSTED_MODEL_TYPES);
         a model holding any other type is refused rather than executed. With `copy_to`, the
         downloaded model directory (`model/`) and the contract (`contract.json`) are copied there
-        (a serving host's local copy, `serving.model_cache`).
+        (a serving host's local copy, `serving.model_cache`). Without it, a version this process
+        loaded before is not downloaded again (`loading.LOADED_VERSIONS`).
         """
         version = self._resolve(alias_or_version)
+        key = None
+        if copy_to is None:  # loaded before in this process: the same object (LOADED_VERSIONS)
+            run_id = self.client.get_model_version(self.model_name, str(version)).run_id
+            key = (self.tracking_uri, self.model_name, version, run_id)
+            if (found := LOADED_VERSIONS.get(key)) is not None:
+                return found
         with tempfile.TemporaryDirectory() as tmp, fluent(self.tracking_uri):
             local = Path(
                 mlflow.artifacts.download_artifacts(artifact_uri=self.model_uri(version), dst_path=tmp)
@@ -345,6 +352,8 @@ class ModelRegistry:
         contract = self.get_contract(version)
         if copy_to is not None:
             (Path(copy_to) / "contract.json").write_text(contract.to_json())
+        if key is not None:
+            LOADED_VERSIONS.put(key, model, contract)
         return model, contract
 
     # --- where to find a version --------------------------------------------------------------
