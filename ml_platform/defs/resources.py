@@ -7,6 +7,7 @@ Every default comes from `ml_platform.settings` (the platform-wide DEFAULT_* con
 """
 
 import datetime as dt
+import functools
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,9 +102,16 @@ class MLflowRegistryResource(dg.ConfigurableResource):
     promotion_margin: float = DEFAULT_PROMOTION_MARGIN
 
     def registry(self):
-        from ml_platform.registry import ModelRegistry
+        """The registry client; one per store and model in a process (an MLflow client costs ~70 ms
+        to open on SQLite, and the demo's and a scenario's daily runs ask for it a few times a run)."""
+        return _registry(self.tracking_uri, self.model_name)
 
-        return ModelRegistry(self.tracking_uri, self.model_name)
+
+@functools.lru_cache(maxsize=8)
+def _registry(tracking_uri: str, model_name: str):
+    from ml_platform.registry import ModelRegistry
+
+    return ModelRegistry(tracking_uri, model_name)
 
 
 class EventSourceResource(dg.ConfigurableResource):
