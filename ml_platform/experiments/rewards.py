@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ml_platform.experiments.config import ExperimentConfig
+from ml_platform.membership import is_in
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def label_rewards(
     """`decisions`: the experiment's live log rows (transaction_id, arm, decision, probability,
     predicted_at); `labels_today`: the labels that arrived on the day (transaction_id, is_fraud);
     `earlier_label_ids`: transactions labelled before that day (their decisions were rewarded then)."""
-    first_today = labels_today[~labels_today["transaction_id"].isin(earlier_label_ids)]
+    first_today = labels_today[~is_in(labels_today["transaction_id"], earlier_label_ids)]
     scored = decisions[decisions["arm"].notna() & decisions["probability"].notna() & decisions["decision"].notna()]
     scored = scored.sort_values("predicted_at").drop_duplicates("transaction_id", keep="first")
     joined = scored.merge(first_today[["transaction_id", "is_fraud"]], on="transaction_id", how="inner")

@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ml_platform import features as fr
+from ml_platform.membership import is_in
 from ml_platform.monitoring.config import PerformanceThresholds
 from ml_platform.monitoring.prediction_drift import FLAGGED
 from ml_platform.monitoring.results import DashboardRow, MonitorResult
@@ -78,10 +79,10 @@ def model_performance(
     scored = predictions[predictions["probability"].notna()]
     scored = scored.assign(_day=scored[fr.EVENT_TS].dt.date)
     arrived_today = labels[labels[fr.LABEL_TS].dt.date == day]
-    predicted = arrived_today["transaction_id"].isin(predictions["transaction_id"])
+    predicted = is_in(arrived_today["transaction_id"], predictions["transaction_id"])
     exists = predicted.copy()
     if known_transaction_ids is not None:
-        exists |= arrived_today["transaction_id"].isin(known_transaction_ids)
+        exists |= is_in(arrived_today["transaction_id"], known_transaction_ids)
     orphans = int((~exists).sum())
     unscored = int((exists & ~predicted).sum())
     window = scored[(scored["_day"] >= first) & (scored["_day"] <= day)]

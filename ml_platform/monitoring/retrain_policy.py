@@ -382,6 +382,7 @@ def count_post_drift_labels(raw_dir: str | Path, start: date, day: date, settlin
     from datetime import timedelta
 
     from ml_platform import features as fr
+    from ml_platform.membership import is_in
     from ml_platform.monitoring.daily import raw_transaction_ids
     from ml_platform.sources.labels import read_known_labels
 
@@ -392,5 +393,5 @@ def count_post_drift_labels(raw_dir: str | Path, start: date, day: date, settlin
     labels = read_known_labels(raw_dir, until=day, events_since=start)
     if labels.empty:
         return 0, 0
-    post = labels[labels["transaction_id"].isin(raw_transaction_ids(Path(raw_dir), start, last_mature))]
+    post = labels[is_in(labels["transaction_id"], raw_transaction_ids(Path(raw_dir), start, last_mature))]
     return len(post), int(post[fr.LABEL].sum())

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from ml_platform import features as fr
 from ml_platform.atomic_files import write_parquet_atomic
+from ml_platform.membership import is_in
 from ml_platform.sources.files import EventsFormatError, _event_files, _read_file, _to_int, _to_label, _to_utc
 from ml_platform.sources.raw_events import (  # the feed's layout is the raw layout's; re-exported
     LABEL_COLUMNS,
@@ -218,7 +219,7 @@ def merge_into_raw(raw_dir: str | Path, labels: pd.DataFrame, *, days: Iterable[
     for (day,) in stale:
         day = parse_date(day, "date")
         frame = raw_events.read_days(Path(raw_dir), [day])
-        hit = frame["transaction_id"].isin(latest.index)
+        hit = is_in(frame["transaction_id"], latest.index)
         if not hit.any():
             continue
         new = latest.loc[frame.loc[hit, "transaction_id"]]
