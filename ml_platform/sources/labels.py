@@ -207,29 +207,37 @@ def merge_into_raw(raw_dir: str | Path, labels: pd.DataFrame, *, days: Iterable[
     files = ", ".join("'" + str(raw_events.transactions_partition(raw_dir, d) / "*.parquet").replace("'", "''") + "'"
                       for d in candidates)
     arrived = pa.Table.from_pandas(latest[["transaction_id", fr.LABEL_TS]], preserve_index=False)
-    with duckdb.connect() as con:
+    latest_by_id = latest.set_index("transaction_id")
+    rewritten = []
+    with raw_events.connect() as con:  # one connection for the search and every day's read
         con.register("arrived", arrived)
         stale = con.sql(
             f"SELECT DISTINCT r.date FROM read_parquet([{files}], hive_partitioning = true) r "
             f"JOIN arrived a USING (transaction_id) "
             f"WHERE r.{fr.LABEL_TS} IS NULL OR a.{fr.LABEL_TS} > r.{fr.LABEL_TS} ORDER BY 1"
         ).fetchall()
-    latest = latest.set_index("transaction_id")
-    rewritten = []
-    for (day,) in stale:
-        day = parse_date(day, "date")
-        frame = raw_events.read_days(Path(raw_dir), [day])
-        hit = is_in(frame["transaction_id"], latest.index)
-        if not hit.any():
-            continue
-        new = latest.loc[frame.loc[hit, "transaction_id"]]
-        old_ts = frame.loc[hit, fr.LABEL_TS]
-        newer = old_ts.isna().to_numpy() | (new[fr.LABEL_TS].to_numpy() > old_ts.to_numpy())
-        if not newer.any():
-            continue
-        rows = frame.index[hit][newer]
-        frame.loc[rows, fr.LABEL] = new[fr.LABEL].to_numpy()[newer]
-        frame.loc[rows, fr.LABEL_TS] = new[fr.LABEL_TS].to_numpy()[newer]
-        raw_events.write_partition([frame], raw_dir, day)
-        rewritten.append(day)
+        for (day,) in stale:
+            day = parse_date(day, "date")
+            if _merge_day(raw_dir, day, raw_events.read_days(Path(raw_dir), [day], con), latest_by_id):
+                rewritten.append(day)
     return rewritten
+
+
+def _merge_day(raw_dir, day: date, frame: pd.DataFrame, latest: pd.DataFrame) -> bool:
+    """Write the labels of `latest` (by transaction id) that are new or newer into the day's
+    partition `frame`; whether it was rewritten."""
+    from ml_platform.sources import raw_events
+
+    hit = is_in(frame["transaction_id"], latest.index)
+    if not hit.any():
+        return False
+    new = latest.loc[frame.loc[hit, "transaction_id"]]
+    old_ts = frame.loc[hit, fr.LABEL_TS]
+    newer = old_ts.isna().to_numpy() | (new[fr.LABEL_TS].to_numpy() > old_ts.to_numpy())
+    if not newer.any():
+        return False
+    rows = frame.index[hit][newer]
+    frame.loc[rows, fr.LABEL] = new[fr.LABEL].to_numpy()[newer]
+    frame.loc[rows, fr.LABEL_TS] = new[fr.LABEL_TS].to_numpy()[newer]
+    raw_events.write_partition([frame], raw_dir, day)
+    return True
