@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +29,20 @@ def test_the_shipped_k8s_executor_config_is_accepted_by_dagster_definitions_vali
     ok = validate({"ML_PLATFORM_EXECUTOR": "k8s", "ML_PLATFORM_K8S_EXECUTOR_CONFIG": str(DEPLOY / "executor.yaml"),
                    "ML_PLATFORM_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path / "home")})
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
-    (tmp_path / "bad.yaml").write_text((DEPLOY / "executor.yaml").read_text() + "job_namespaces: typo\n")
-    bad = validate({"ML_PLATFORM_EXECUTOR": "k8s", "ML_PLATFORM_K8S_EXECUTOR_CONFIG": str(tmp_path / "bad.yaml"),
-                    "ML_PLATFORM_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path / "home")})
-    assert bad.returncode != 0 and "job_namespaces" in bad.stdout + bad.stderr
+
+
+
+def test_a_wrong_field_in_the_executor_config_is_named_when_the_definitions_load(tmp_path):
+    """What `dagster definitions validate` runs (build_definitions -> executor_for), in process."""
+    from ml_platform.defs.pipeline import build_definitions
+    from ml_platform.settings import load_settings
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((DEPLOY / "executor.yaml").read_text() + "job_namespaces: typo\n")
+    settings = load_settings({"ML_PLATFORM_EXECUTOR": "k8s", "ML_PLATFORM_K8S_EXECUTOR_CONFIG": str(bad),
+                              "ML_PLATFORM_DATA_DIR": str(tmp_path / "data")})
+    with pytest.raises(ValueError, match=rf"{bad}: .*job_namespaces"):
+        build_definitions(settings)
 
 
 def test_the_shipped_dagster_yaml_uses_postgres_and_a_valid_k8s_run_launcher():
