@@ -23,6 +23,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ml_platform.featurestore.definitions import FeatureView, FileSource
 from ml_platform.timestamps import US_PER_SECOND, from_us, span_us, to_us
@@ -97,27 +98,65 @@ def resolve_source_path(source: FileSource, repo_path: Path) -> str:
 
 
 def scan_sql(
-    path: str, file_format: str = "parquet", *, what: str = "source", file_row_number: bool = False
+    path: str | Sequence[str],
+    file_format: str = "parquet",
+    *,
+    what: str = "source",
+    file_row_number: bool = False,
 ) -> str:
     """A DuckDB table function reading `path`: one file, a glob, or a directory (all files below
-    it, hive-style `key=value` folders included; the partition column itself is not added).
-    `file_row_number`: Parquet only, adds the row's number within its file (`file_row_number`)."""
-    is_glob = any(ch in path for ch in "*?[")
+    it, hive-style `key=value` folders included; the partition column itself is not added), or a
+    list of Parquet files (`parquet_files`). `file_row_number`: Parquet only, adds each row's file
+    (`filename`) and its number within it (`file_row_number`); `file_row_sql` numbers them across files."""
+    if not isinstance(path, str):
+        files = ", ".join(quote_literal(str(f)) for f in path)
+        numbered = ", filename = true, file_row_number = true" if file_row_number else ""
+        return f"read_parquet([{files}], union_by_name = true, hive_partitioning = false{numbered})"
     ext = "csv" if file_format == "csv" else "parquet"
-    if not is_glob:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{what}: path {path} does not exist")
-        if p.is_dir():
-            if not any(p.rglob(f"*.{ext}")):
-                raise FileNotFoundError(f"{what}: no .{ext} files under directory {path}")
-            path = str(p / "**" / f"*.{ext}")
+    path = _scan_path(path, ext, what)
     if file_format == "csv":
         return (
             f"read_csv({quote_literal(path)}, header = true, union_by_name = true, hive_partitioning = false)"
         )
-    numbered = ", file_row_number = true" if file_row_number else ""
+    numbered = ", filename = true, file_row_number = true" if file_row_number else ""
     return f"read_parquet({quote_literal(path)}, union_by_name = true, hive_partitioning = false{numbered})"
+
+
+def _scan_path(path: str, ext: str, what: str) -> str:
+    """`path` as DuckDB reads it: a glob or a file as given, a directory as every `.ext` file below it."""
+    if any(ch in path for ch in "*?["):
+        return path
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: path {path} does not exist")
+    if p.is_dir():
+        if not any(p.rglob(f"*.{ext}")):
+            raise FileNotFoundError(f"{what}: no .{ext} files under directory {path}")
+        return str(p / "**" / f"*.{ext}")
+    return path
+
+
+def parquet_files(con, path: str, *, what: str = "source") -> list[str]:
+    """The Parquet files `scan_sql(path)` reads, as DuckDB's own glob lists them, in a fixed order."""
+    pattern = _scan_path(path, "parquet", what)
+    files = [row[0] for row in con.execute("SELECT file FROM glob(?) ORDER BY file", [pattern]).fetchall()]
+    if not files:
+        raise FileNotFoundError(f"{what}: no Parquet file matches {path}")
+    return files
+
+
+def file_row_sql(files: Sequence[str | Path]) -> tuple[str, int]:
+    """(the SQL numbering the rows of a scan of the Parquet `files`, read with `filename` and
+    `file_row_number`, 0..n-1 in this file order: the rows of the files before + the row within
+    its file; n). No sort and no copy: batch scoring numbers the day's events with it, and the
+    feature rows it reads back by number (`FILE_ROW`)."""
+    if len(files) == 1:
+        return "file_row_number", pq.ParquetFile(files[0]).metadata.num_rows
+    bases, total = [], 0
+    for path in files:
+        bases.append(f"WHEN {quote_literal(str(path))} THEN {total}")
+        total += pq.ParquetFile(path).metadata.num_rows
+    return f"(CASE filename {' '.join(bases)} END + file_row_number)", total
 
 
 def relation_columns(con, relation_sql: str, *, what: str) -> dict[str, str]:
@@ -158,8 +197,9 @@ class FeatureTable:
     has_ties: bool
 
 
-def raw_feature_table(view: FeatureView, source_scan: str) -> FeatureTable:
-    """Normalize a view's raw source (it already holds the feature values) to a FeatureTable."""
+def raw_feature_table(view: FeatureView, source_scan: str, extra: Sequence[str] = ()) -> FeatureTable:
+    """Normalize a view's raw source (it already holds the feature values) to a FeatureTable.
+    `extra`: more SQL select items of the scan (e.g. the row's number, `FILE_ROW`, for batch scoring)."""
     src = view.source
     keys = [f"{quote_identifier(k)}" for k in view.join_keys]
     created = (
@@ -174,12 +214,12 @@ def raw_feature_table(view: FeatureView, source_scan: str) -> FeatureTable:
     ts = quote_identifier(src.timestamp_field)
     sql = (
         f"(SELECT {', '.join(keys)}, CAST({ts} AS TIMESTAMPTZ) AS {FEATURE_TS}, {created} AS {CREATED_TS}, "
-        f"{', '.join(feats)} FROM {source_scan} WHERE {ts} IS NOT NULL)"
+        f"{', '.join([*extra, *feats])} FROM {source_scan} WHERE {ts} IS NOT NULL)"
     )
     return FeatureTable(view, sql, has_ties=src.created_timestamp_column is not None)
 
 
-FILE_ROW = "__file_row"  # numbered_feature_table's extra column: the row's number in its file
+FILE_ROW = "__file_row"  # numbered_feature_table's extra column: the row's number in its files (file_row_sql)
 
 
 def materialized_feature_table(view: FeatureView, table_scan: str, extra: Sequence[str] = ()) -> FeatureTable:

@@ -307,22 +307,33 @@ class FeatureStore:
         self._check_source_columns(con, view, scan, [*needed, *view.feature_names])
         return offline.raw_feature_table(view, scan)
 
-    def numbered_feature_table(self, con, view: FeatureView) -> tuple[offline.FeatureTable, Path] | None:
-        """An aggregated view's materialized table as `feature_table` gives it (same checks), with
-        one more column, `offline.FILE_ROW` = the row's number in its Parquet file, and that file;
-        None for a view read from its raw source. Batch scoring joins on it and reads the values by
-        row number (`serving.batch_positions`)."""
-        if not view.aggregations:
+    def numbered_feature_table(
+        self, con, view: FeatureView
+    ) -> tuple[offline.FeatureTable, list[Path]] | None:
+        """The view's values as `feature_table` gives them (same checks), with one more column,
+        `offline.FILE_ROW` = the row's number in its Parquet files (`offline.file_row_sql`), and
+        those files in that order: an aggregated view's materialized table, or a raw Parquet source's
+        files; None for a CSV source. Batch scoring joins on it and reads the values by row number
+        (`serving.batch_positions`)."""
+        self.feature_table(con, view)  # its checks: materialized from the current definition; the columns
+        if view.aggregations:
+            files = [str(self.offline_table_path(view.name))]
+            what = f"feature view {view.name!r} offline table"
+        elif view.source.file_format == "parquet":
+            what = f"feature view {view.name!r} source"
+            files = offline.parquet_files(
+                con, offline.resolve_source_path(view.source, self.repo_path), what=what
+            )
+        else:
             return None
-        self.feature_table(con, view)  # the checks: materialized, from the current definition
-        path = self.offline_table_path(view.name)
-        scan = offline.scan_sql(
-            str(path), what=f"feature view {view.name!r} offline table", file_row_number=True
-        )
-        table = offline.materialized_feature_table(
-            view, scan, extra=[f"file_row_number AS {offline.FILE_ROW}"]
-        )
-        return table, path
+        scan = offline.scan_sql(files, what=what, file_row_number=True)
+        row, _ = offline.file_row_sql(files)
+        extra = [f"{row} AS {offline.FILE_ROW}"]
+        if view.aggregations:
+            table = offline.materialized_feature_table(view, scan, extra=extra)
+        else:
+            table = offline.raw_feature_table(view, scan, extra=extra)
+        return table, [Path(f) for f in files]
 
     def _plan(
         self, features: list[str], full_feature_names: bool

@@ -9,9 +9,10 @@
   than that is past the TTL of every lookup of the day (it would be answered null either way) and
   a younger one is after every lookup, so the answers do not change. Each view's answers are
   stored ordered by row number; a view with no rows in that range answers null without a join.
-  A view read from its materialized Parquet table is joined carrying only the matched row's
-  number, and its values are then read by that number (`batch_positions`: ~6x less CPU for a
-  view of many features); the others (raw sources) carry their features through the join.
+  A view read from Parquet files (its materialized table, or a raw source) is joined carrying
+  only the matched row's number, and its values are then read by that number
+  (`batch_positions`: ~6x less CPU for a view of many features); the others (a CSV source, a
+  column stored in another type than declared) carry their features through the join.
 * `chunk_reader`: the events and every view's answers side by side (DuckDB's POSITIONAL JOIN of
   relations that are all in row order, plus the by-number views' row ranges), streamed in Arrow
   batches of `chunk_rows`, each checked to line up (the row numbers of every view equal the
@@ -28,7 +29,6 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ml_platform import features as fr
 from ml_platform.featurestore import offline
@@ -68,16 +68,12 @@ def events_relation(con, files: Sequence[Path], request_columns: Sequence[str]) 
     offline.require_columns(
         available, needed, what=what, hint="The raw data contract is documented in ml_platform/sources."
     )
-    bases, total = [], 0
-    for path in paths:
-        bases.append(f"WHEN {offline.quote_literal(path)} THEN {total}")
-        total += pq.ParquetFile(path).metadata.num_rows
-    base = f"CASE filename {' '.join(bases)} END"
+    row, total = offline.file_row_sql(paths)
     ts = f"CAST({offline.quote_identifier(fr.EVENT_TS)} AS TIMESTAMPTZ)"
     cols = ", ".join(
         f"{ts} AS {fr.EVENT_TS}" if c == fr.EVENT_TS else offline.quote_identifier(c) for c in needed
     )
-    sql = f"(SELECT {base} + file_row_number AS {ROW}, {cols}, epoch_us({ts}) AS {EVENT_US} FROM {scan})"
+    sql = f"(SELECT {row} AS {ROW}, {cols}, epoch_us({ts}) AS {EVENT_US} FROM {scan})"
     checks = ", ".join(f"count(*) FILTER (WHERE {offline.quote_identifier(c)} IS NULL)" for c in REQUIRED)
     nulls = dict(zip(REQUIRED, con.execute(f"SELECT {checks} FROM {sql}").fetchall()[0]))
     bad = {c: n for c, n in nulls.items() if n}
@@ -93,8 +89,8 @@ def stage_features(
     con, store, feature_refs: Sequence[str], events_sql: str, columns_dir: Path | None = None
 ) -> list[StagedView]:
     """Run the point-in-time join of every view the refs read for all events of the day, into
-    staging tables in row order, or (views with a materialized table, when `columns_dir` is
-    given) into column files under `columns_dir` (see the module docstring)."""
+    staging tables in row order, or (views read from Parquet files, when `columns_dir` is given)
+    into column files under `columns_dir` (see the module docstring)."""
     by_view: dict[str, list[str]] = {}
     for ref in feature_refs:
         view_name, feature = parse_feature_ref(ref)
@@ -123,7 +119,7 @@ def stage_features(
         started = time.perf_counter()
         types = {f.name: f.dtype.duckdb_type for f in view.schema}
         numbered = store.numbered_feature_table(con, view) if columns_dir is not None else None
-        arrow_types = numbered and usable_types(pq.ParquetFile(numbered[1]), features, types)
+        arrow_types = numbered and usable_types(numbered[1], features, types)
         # the table's checks (materialized from the current definition) run in either call
         table = numbered[0] if arrow_types else store.feature_table(con, view)
         window = _answering_rows(table, first, last)

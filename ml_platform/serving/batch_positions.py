@@ -5,21 +5,24 @@ Why: DuckDB's ASOF join carries every feature column through both of its sorts, 
 must be sorted back into event order and stored; for the user view of a 10M-row day (16 features)
 that is ~37 CPU seconds, while the same join carrying one number is ~6 (measured alone; the
 day's figures are in docs/batch.md).
-So, for a view read from its materialized Parquet table (`FeatureStore.numbered_feature_table`):
+So, for a view read from Parquet files (`FeatureStore.numbered_feature_table`: an aggregated
+view's materialized table, or a raw source such as the card holders' profile):
 
 1. the offline store's own point-in-time SQL (`offline.point_in_time_sql`, what
    `get_historical_features` runs) answers each event with ONE "feature": the matched row's number
-   in the file (`offline.FILE_ROW`). The same keys, time order, TTL (an expired match answers
-   null) and null rules as every other consumer: nothing of the join is re-implemented here;
-2. each feature column is read from the Parquet file (only the row groups that hold a matched
+   in the files (`offline.FILE_ROW`: the rows of the files before + the row within its file). The
+   same keys, time order, ties, TTL (an expired match answers null) and null rules as every other
+   consumer: nothing of the join is re-implemented here;
+2. each feature column is read from the Parquet files (only the row groups that hold a matched
    row) and gathered by those numbers into event order, on as many threads as DuckDB has: the
-   value of the matched row, null where the join answered null or the value is null;
+   value of the matched row, null where the join answered null or the value is null. A text
+   column is read as a dictionary and its codes are gathered (the dictionary stays in memory);
 3. the gathered columns are written to raw files (values and validity) in the staging folder, and
    each chunk of events reads its row range back (`PositionalView.read`): memory is a few columns
    of the day, not the day's features.
 
-A column whose type in the file is not the view's declared one (DuckDB's CAST would convert it),
-or that is not numeric or boolean, makes the view take the wide join instead (`batch_features`).
+A column whose type in a file is not the view's declared one (DuckDB's CAST would convert it),
+or that is not numeric, boolean or text, makes the view take the wide join instead (`batch_features`).
 """
 
 from __future__ import annotations
@@ -42,17 +45,20 @@ ARROW_TYPES = {
     "FLOAT": pa.float32(),
     "DOUBLE": pa.float64(),
     "BOOLEAN": pa.bool_(),
+    "VARCHAR": pa.string(),  # gathered as dictionary codes
 }
 
 
 @dataclass
 class PositionalView:
     """One view's answers for the day as raw column files (`folder/<i>.values`, `.valid`), in
-    event order; `read(lo, hi)` gives the rows [lo, hi) as Arrow arrays."""
+    event order; `read(lo, hi)` gives the rows [lo, hi) as Arrow arrays. A text column's values
+    are codes into its entry of `dictionaries`."""
 
     features: tuple[str, ...]
     types: tuple[pa.DataType, ...]
     folder: Path
+    dictionaries: dict[int, pa.Array] = field(default_factory=dict)
     _files: list = field(default_factory=list, repr=False)
 
     def read(self, lo: int, hi: int) -> list[pa.Array]:
@@ -62,11 +68,13 @@ class PositionalView:
                 for i in range(len(self.features))
             ]
         out = []
-        for (values_file, valid_file), arrow_type in zip(self._files, self.types):
-            dtype = _numpy_type(arrow_type)
-            values = _read(values_file, dtype, lo, hi)
+        for i, ((values_file, valid_file), arrow_type) in enumerate(zip(self._files, self.types)):
+            values = _read(values_file, _numpy_type(arrow_type), lo, hi)
             valid = _read(valid_file, np.bool_, lo, hi)
-            out.append(pa.array(values, type=arrow_type, mask=~valid))
+            if i in self.dictionaries:
+                out.append(self.dictionaries[i].take(pa.array(values, mask=~valid)))
+            else:
+                out.append(pa.array(values, type=arrow_type, mask=~valid))
         return out
 
     def close(self) -> None:
@@ -76,14 +84,14 @@ class PositionalView:
         self._files = []
 
 
-def usable_types(parquet: pq.ParquetFile, features: list[str], declared: dict[str, str]) -> tuple | None:
-    """The Arrow types of `features` if every one is stored as the view declares it and is
-    numeric or boolean (else None: the wide join)."""
-    schema = parquet.schema_arrow
+def usable_types(files: list[Path], features: list[str], declared: dict[str, str]) -> tuple | None:
+    """The Arrow types of `features` if every one is stored in every file as the view declares it
+    and is numeric, boolean or text (else None: the wide join)."""
+    schemas = [pq.ParquetFile(f).schema_arrow for f in files]
     types = []
     for f in features:
         wanted = ARROW_TYPES.get(declared[f])
-        if wanted is None or schema.field(f).type != wanted:
+        if wanted is None or any(s.get_field_index(f) < 0 or s.field(f).type != wanted for s in schemas):
             return None
         types.append(wanted)
     return tuple(types)
@@ -93,7 +101,7 @@ def stage_positional(
     con,
     view,
     table: offline.FeatureTable,
-    path: Path,
+    files: list[Path],
     features: list[str],
     types: tuple,
     n_events: int,
@@ -101,8 +109,9 @@ def stage_positional(
     threads: int = 1,
 ) -> PositionalView:
     """Join the day's entity rows (`offline.ENTITY_TABLE` on `con`) to the numbered table
-    `table` (already cut to the rows that can answer the day), then gather every feature into
-    event order under `folder` (see the module docstring)."""
+    `table` (already cut to the rows that can answer the day; its `offline.FILE_ROW` numbers the
+    rows of `files` in that order), then gather every feature into event order under `folder`
+    (see the module docstring)."""
     sql = offline.point_in_time_sql(table, [(offline.FILE_ROW, offline.FILE_ROW)])
     answers = con.sql(sql).to_arrow_table()
     rows = answers.column(offline.ROW_ID).to_numpy()
@@ -121,16 +130,19 @@ def stage_positional(
             "this is a bug in batch scoring"
         )
     del rows, matched
-    groups, index = _row_groups(pq.ParquetFile(path), by_row)
+    parquets = [pq.ParquetFile(f) for f in files]
+    picks, index = _row_groups(parquets, by_row)
     folder.mkdir(parents=True, exist_ok=True)
     answered = by_row >= 0
+    dictionaries: dict[int, pa.Array] = {}
 
     def gather(i: int) -> None:
-        if groups:
-            name = features[i]
-            column = (
-                pq.ParquetFile(path).read_row_groups(groups, columns=[name]).column(name).combine_chunks()
-            )
+        text = types[i] == pa.string()
+        if any(picks):
+            column = _read_column(files, picks, features[i], text)
+            if text:  # the codes are gathered; the values stay in the dictionary
+                dictionaries[i] = column.dictionary.cast(pa.string())
+                column = column.indices
             if column.null_count:  # null where the join answered null or the value is null
                 valid = column.is_valid().to_numpy(zero_copy_only=False)
                 fill = False if types[i] == pa.bool_() else 0
@@ -142,41 +154,64 @@ def stage_positional(
             gathered = values[index]
         else:  # no event matched a row: every answer is null
             gathered, ok = np.zeros(n_events, dtype=_numpy_type(types[i])), np.zeros(n_events, dtype=bool)
+            if text:
+                dictionaries[i] = pa.array([], pa.string())
         gathered.tofile(folder / f"{i}.values")
         ok.tofile(folder / f"{i}.valid")
 
     # reading, gathering and writing release the GIL: one column per thread
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="batch-gather") as pool:
         list(pool.map(gather, range(len(features))))
-    return PositionalView(tuple(features), types, folder)
+    return PositionalView(tuple(features), types, folder, dictionaries)
 
 
-def _row_groups(parquet: pq.ParquetFile, by_row: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """(the row groups holding a matched row, each event's index into those groups' rows read one
-    after the other; 0 for an unmatched event). Only these groups are read: on a long history the
+def _read_column(files: list[Path], picks: list[list[int]], name: str, text: bool) -> pa.Array:
+    """Column `name` of the picked row groups of `files`, one after the other (a text column as a
+    dictionary array with one dictionary)."""
+    chunks = []
+    for path, groups in zip(files, picks):
+        if groups:
+            parquet = pq.ParquetFile(path, read_dictionary=[name] if text else None)
+            chunks += parquet.read_row_groups(groups, columns=[name]).column(name).chunks
+    column = pa.chunked_array(chunks)
+    return (column.unify_dictionaries() if text else column).combine_chunks()
+
+
+def _row_groups(parquets: list[pq.ParquetFile], by_row: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+    """(per file, the row groups holding a matched row; each event's index into those groups' rows
+    read one after the other, file after file; 0 for an unmatched event). `by_row` numbers the
+    rows of the files one after the other. Only these groups are read: on a long history the
     day's matches sit in a few of them."""
-    meta = parquet.metadata
-    starts = np.zeros(meta.num_row_groups + 1, dtype=np.int64)
-    for g in range(meta.num_row_groups):
-        starts[g + 1] = starts[g] + meta.row_group(g).num_rows
+    sizes = np.array(
+        [p.metadata.row_group(g).num_rows for p in parquets for g in range(p.metadata.num_row_groups)],
+        dtype=np.int64,
+    )
+    starts = np.concatenate([[0], np.cumsum(sizes)])
     answered = by_row >= 0
-    sizes = np.diff(starts)
     position = np.where(answered, by_row, 0)
     if len(sizes) and (sizes[:-1] == sizes[0]).all():  # equal groups (as writers make them): divide
         group_of = np.minimum(position // max(int(sizes[0]), 1), len(sizes) - 1)
     else:
         group_of = np.searchsorted(starts, position, side="right") - 1
-    needed = np.zeros(meta.num_row_groups, dtype=bool)
+    needed = np.zeros(len(sizes), dtype=bool)
     needed[group_of[answered]] = True
     groups = np.flatnonzero(needed)
-    compact = np.zeros(meta.num_row_groups, dtype=np.int64)  # where each kept group starts, kept rows
+    compact = np.zeros(len(sizes), dtype=np.int64)  # where each kept group starts, kept rows
     kept = sizes[groups]
     compact[groups] = np.concatenate([[0], np.cumsum(kept)[:-1]]) if len(groups) else []
     index = np.where(answered, by_row - starts[group_of] + compact[group_of], 0)
-    return groups.tolist(), index
+    picks, first = [], 0  # the kept groups, by file, numbered within their file
+    for p in parquets:
+        n = p.metadata.num_row_groups
+        picks.append([int(g) - first for g in groups if first <= g < first + n])
+        first += n
+    return picks, index
 
 
 def _numpy_type(arrow_type: pa.DataType):
+    """How a column is stored in its staging file (a text column: its dictionary codes)."""
+    if arrow_type == pa.string():
+        return np.int32
     return np.bool_ if arrow_type == pa.bool_() else arrow_type.to_pandas_dtype()
 
 
