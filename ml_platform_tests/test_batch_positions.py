@@ -29,7 +29,7 @@ except ImportError:  # ml_platform_tests imported as a package
     from ml_platform_tests.fixtures_platform import SMALL_CONFIG, tiny_platform  # noqa: F401
 
 
-@pytest.mark.parametrize("sizes", [[10] * 10, [10, 10, 5, 15, 20, 40]])  # equal groups, and not
+@pytest.mark.parametrize("sizes", [[1000] * 10, [1000, 1000, 500, 1500, 2000, 4000]])  # equal groups, and not
 def test_values_are_gathered_by_file_row_across_skipped_row_groups(tmp_path, sizes):
     path = tmp_path / "t.parquet"
     with pq.ParquetWriter(path, pa.schema([("v", pa.float64())])) as writer:
@@ -39,16 +39,33 @@ def test_values_are_gathered_by_file_row_across_skipped_row_groups(tmp_path, siz
             start += size
     parquet = pq.ParquetFile(path)
     assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)] == sizes
-    by_row = np.array([-1, 15, 37, 12, -1, 99, 30])  # file rows matched by 7 events (-1: none)
+    by_row = np.array([-1, 1500, 3700, 1200, -1, 9900, 3500])  # file rows matched by 7 events (-1: none)
 
     (groups,), index = _row_groups([parquet], by_row)
 
-    holding = sorted({int(np.searchsorted(np.cumsum(sizes), r, side="right")) for r in (15, 37, 12, 99, 30)})
+    holding = sorted({int(np.searchsorted(np.cumsum(sizes), r, side="right")) for r in by_row[by_row >= 0]})
     assert groups == holding and len(groups) < len(sizes)  # only the groups holding a match are read
     values = parquet.read_row_groups(groups, columns=["v"]).column("v").to_numpy()
     matched = by_row >= 0
     np.testing.assert_array_equal(values[index[matched]], by_row[matched] * 1.5)
     assert (index[~matched] == 0).all()
+
+
+def test_a_match_near_a_group_boundary_reads_its_neighbour_too_and_every_group_read_needs_no_index(tmp_path):
+    """The map of matched rows counts blocks of 64 rows: a match in a block across two groups
+    reads both (the values still come from the right row); when every group is read, each
+    event's index is its file row."""
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"v": np.arange(300) * 2.0}), path, row_group_size=100)
+    parquet = pq.ParquetFile(path)
+
+    (groups,), index = _row_groups([parquet], np.array([-1, 250, 201]))  # block 192..255 spans groups 1, 2
+    assert groups == [1, 2]
+    values = parquet.read_row_groups(groups, columns=["v"]).column("v").to_numpy()
+    assert values[index].tolist() == [200.0, 500.0, 402.0]  # (the unmatched event's index is 0)
+
+    (groups,), index = _row_groups([parquet], np.array([5, -1, 150, 299]))
+    assert groups == [0, 1, 2] and index.tolist() == [5, 0, 150, 299]
 
 
 def staged_chunks(store, model, day, tmp_path, by_number: bool):

@@ -49,6 +49,9 @@ ARROW_TYPES = {
 }
 
 
+_BLOCK_BITS = 6  # 2**6 = 64 rows per entry of the map of matched rows (`_row_groups`)
+
+
 @dataclass
 class PositionalView:
     """One view's answers for the day as raw column files (`folder/<i>.values`, `.valid`), in
@@ -181,7 +184,9 @@ def _row_groups(parquets: list[pq.ParquetFile], by_row: np.ndarray) -> tuple[lis
     """(per file, the row groups holding a matched row; each event's index into those groups' rows
     read one after the other, file after file; 0 for an unmatched event). `by_row` numbers the
     rows of the files one after the other. Only these groups are read: on a long history the
-    day's matches sit in a few of them."""
+    day's matches sit in a few of them. Which groups hold a match is found on a map of blocks of
+    64 rows (a block across two groups counts for both: one group too many may be read);
+    when every group is read (a short history) the file row is the index, no division needed."""
     sizes = np.array(
         [p.metadata.row_group(g).num_rows for p in parquets for g in range(p.metadata.num_row_groups)],
         dtype=np.int64,
@@ -189,17 +194,26 @@ def _row_groups(parquets: list[pq.ParquetFile], by_row: np.ndarray) -> tuple[lis
     starts = np.concatenate([[0], np.cumsum(sizes)])
     answered = by_row >= 0
     position = np.where(answered, by_row, 0)
-    if len(sizes) and (sizes[:-1] == sizes[0]).all():  # equal groups (as writers make them): divide
-        group_of = np.minimum(position // max(int(sizes[0]), 1), len(sizes) - 1)
-    else:
-        group_of = np.searchsorted(starts, position, side="right") - 1
-    needed = np.zeros(len(sizes), dtype=bool)
-    needed[group_of[answered]] = True
+    blocks = np.zeros((int(starts[-1]) >> _BLOCK_BITS) + 1, dtype=bool)
+    blocks[by_row[answered] >> _BLOCK_BITS] = True
+    needed = np.array(
+        [
+            n > 0 and blocks[a >> _BLOCK_BITS : ((a + n - 1) >> _BLOCK_BITS) + 1].any()
+            for a, n in zip(starts[:-1], sizes)
+        ],
+        dtype=bool,
+    )
     groups = np.flatnonzero(needed)
-    compact = np.zeros(len(sizes), dtype=np.int64)  # where each kept group starts, kept rows
-    kept = sizes[groups]
-    compact[groups] = np.concatenate([[0], np.cumsum(kept)[:-1]]) if len(groups) else []
-    index = np.where(answered, by_row - starts[group_of] + compact[group_of], 0)
+    if len(groups) == len(sizes):
+        index = position
+    else:
+        if len(sizes) and (sizes[:-1] == sizes[0]).all():  # equal groups (as writers make them): divide
+            group_of = np.minimum(position // max(int(sizes[0]), 1), len(sizes) - 1)
+        else:
+            group_of = np.searchsorted(starts, position, side="right") - 1
+        compact = np.zeros(len(sizes), dtype=np.int64)  # where each kept group starts, kept rows
+        compact[groups] = np.concatenate([[0], np.cumsum(sizes[groups])[:-1]]) if len(groups) else []
+        index = np.where(answered, by_row - starts[group_of] + compact[group_of], 0)
     picks, first = [], 0  # the kept groups, by file, numbered within their file
     for p in parquets:
         n = p.metadata.num_row_groups
