@@ -44,7 +44,8 @@ DEFAULT_STREAM_GROUP = "scorers"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_UI_PORT = 3000
 PREDICTIONS_DB_NAME = "predictions.duckdb"  # batch predictions, under the data directory
-# The engines that compute offline feature tables from the same declarations (docs/spark.md).
+# The engines that compute offline feature tables, and score batch days, from the same
+# declarations (docs/spark.md).
 OFFLINE_ENGINES = ("duckdb", "spark")
 DEFAULT_CELERY_BROKER_URL = "pyamqp://guest@127.0.0.1:5672//"  # RabbitMQ on this machine
 # An embedded Redis with no client for this long stops itself; the next use starts it again.
@@ -125,6 +126,9 @@ class Settings(BaseSettings):
     # What computes the offline feature tables: DuckDB (one machine) or Spark (the `spark` resource's
     # spark_config: local[2] by default, a cluster's master URL for more).
     offline_engine: str = Field(default="duckdb", validation_alias="ML_PLATFORM_OFFLINE_ENGINE")
+    # What scores a day in `batch_predictions`: DuckDB (`serving.batch`, one machine) or Spark
+    # (`serving.spark_batch` on the same `spark` resource), the same predictions and prediction log.
+    batch_engine: str = Field(default="duckdb", validation_alias="ML_PLATFORM_BATCH_ENGINE")
     # Where a job's steps run: unset, Dagster's default (the CLI's runs in its own process, the UI's
     # in subprocesses); "celery": on Celery workers (`ml-platform celery-worker`) over the broker;
     # "k8s": each step a Kubernetes Job (dagster-k8s).
@@ -147,11 +151,12 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("offline_engine")
+    @field_validator("offline_engine", "batch_engine")
     @classmethod
-    def _known_engine(cls, value: str) -> str:
+    def _known_engine(cls, value: str, info) -> str:
         if value not in OFFLINE_ENGINES:
-            raise ValueError(f"ML_PLATFORM_OFFLINE_ENGINE must be one of {list(OFFLINE_ENGINES)}, got {value!r}")
+            variable = cls.model_fields[info.field_name].validation_alias
+            raise ValueError(f"{variable} must be one of {list(OFFLINE_ENGINES)}, got {value!r}")
         return value
 
     @model_validator(mode="after")

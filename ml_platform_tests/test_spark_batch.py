@@ -40,11 +40,17 @@ def last_day(tiny_platform):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_platform, champion, last_day, tmp_path_factory):
-    """The platform's batch path on the day: score_partition into a fresh predictions database."""
+def reference_db(tiny_platform, champion, last_day, tmp_path_factory):
+    """The platform's batch path on the day: score_partition into a fresh predictions database
+    (and its prediction log, next to it)."""
     db = tmp_path_factory.mktemp("batch") / "predictions.duckdb"
     score_partition(tiny_platform.store, champion, last_day, db, chunk_rows=100)
-    return by_id(read_predictions(db, last_day))
+    return db
+
+
+@pytest.fixture(scope="module")
+def reference(reference_db, last_day):
+    return by_id(read_predictions(reference_db, last_day))
 
 
 def by_id(frame: pd.DataFrame) -> pd.DataFrame:
@@ -85,6 +91,56 @@ def test_spark_scores_equal_score_partition(spark_scored, champion, last_day, re
     assert reference["score"].nunique() > len(reference) // 2
 
 
+def test_the_spark_day_is_in_the_prediction_log_as_the_platform_path_logs_it(spark_scored, reference_db, last_day):
+    """Monitoring reads the log: a day scored on Spark is logged with the same rows, scores,
+    decisions and model inputs as `score_partition` logs it."""
+    from ml_platform.serving.prediction_log_reader import read_prediction_log
+
+    result, _, db = spark_scored
+
+    def logged(log_dir):
+        frame = read_prediction_log(log_dir, start=last_day, end=last_day, sources=["batch"])
+        return frame.sort_values("transaction_id").reset_index(drop=True)
+
+    ours, theirs = logged(db.parent / "predictions_log"), logged(reference_db.parent / "predictions_log")
+    assert result["log_path"] == str(db.parent / "predictions_log" / "source=batch" / f"date={last_day}")
+    assert len(ours) == len(theirs) == result["rows"] > 200
+    assert list(ours.columns) == list(theirs.columns)
+    inputs = [c for c in theirs.columns if c.startswith("feature.")]
+    assert len(inputs) > 10 and theirs[inputs].notna().to_numpy().any()
+    run_specific = {"predicted_at", "latency_ms", "scorer"}  # when and how fast each path ran
+    for column in [c for c in theirs.columns if c not in run_specific]:
+        pd.testing.assert_series_equal(ours[column], theirs[column], check_dtype=False, check_exact=True,
+                                       obj=column)
+    published = read_predictions(db, last_day)
+    assert set(ours["predicted_at"]) == set(published["scored_at"])  # one time: the run's
+
+
+def test_the_platforms_batch_asset_scores_on_spark_when_the_setting_says_so(spark, tiny_platform, last_day, reference):
+    """ML_PLATFORM_BATCH_ENGINE=spark is all a deployment changes: `batch_predictions`, with the
+    platform's resources, scores the day on the `spark` resource's session into the predictions
+    database and the prediction log, with score_partition's scores."""
+    import dagster as dg
+
+    from ml_platform.defs.assets import batch_predictions
+    from ml_platform.defs.resources import default_resources
+    from ml_platform.serving.prediction_log_reader import read_prediction_log
+
+    settings = tiny_platform.settings.model_copy(update={"batch_engine": "spark"})
+    run = dg.materialize([batch_predictions], partition_key=last_day.isoformat(), resources=default_resources(settings))
+    assert run.success
+    (mat,) = run.asset_materializations_for_node("batch_predictions")
+    assert mat.metadata["days"].value[last_day.isoformat()]["engine"] == "spark"
+    published = by_id(read_predictions(settings.data_dir / "predictions.duckdb", last_day))
+    np.testing.assert_array_equal(published["score"].to_numpy(), reference["score"].to_numpy())
+    logged = read_prediction_log(settings.predictions_log_dir, start=last_day, end=last_day, sources=["batch"])
+    assert sorted(logged["transaction_id"]) == reference["transaction_id"].tolist()
+    with pytest.raises(ValueError, match=r"ML_PLATFORM_BATCH_ENGINE must be one of \['duckdb', 'spark'\], got 'ray'"):
+        from ml_platform.settings import load_settings
+
+        load_settings({"ML_PLATFORM_BATCH_ENGINE": "ray"})
+
+
 def test_a_model_with_another_contract_reads_its_own_features(spark, tiny_platform, last_day, tmp_path):
     """v1 reads only the card holder's views (and the raw user_profile source): its own lookups."""
     model, contract = tiny_platform.registry.load_model(1)
@@ -105,7 +161,8 @@ def test_rescoring_replaces_the_output_and_a_missing_day_or_table_is_named(
     second = score_partition_spark(spark, tiny_platform.store, champion, last_day, output_dir=out)
     assert len(read_spark_predictions(out)) == first["rows"] == second["rows"]  # replaced, not appended
     names = sorted(p.name for p in out.parent.iterdir())
-    assert names == [".spark.duckdb.staging", "spark.duckdb", "spark_predictions"]  # no scratch folder left
+    assert names == [".spark.duckdb.staging", "predictions_log", "spark.duckdb", "spark_predictions"]  # no scratch
+    assert [p.name for p in (out.parent / "predictions_log" / "source=batch").iterdir()] == [f"date={last_day}"]
     assert not list((out.parent / ".spark.duckdb.staging").iterdir())  # the staged DuckDB file removed
     with pytest.raises(FileNotFoundError, match="no raw transactions for 1999-01-01"):
         score_partition_spark(spark, tiny_platform.store, champion, "1999-01-01", output_dir=out)

@@ -389,12 +389,16 @@ def online_offline_skew(feature_store: FeatureStoreResource) -> dg.AssetCheckRes
     partitions_def=daily_partitions,
     backfill_policy=ONE_RUN_PER_RANGE,
     deps=[source_asset(fr.transactions_source), "registered_model", *view_assets(fr.FEATURE_VIEWS)],
-    description="Every transaction of the day scored by the champion into the DuckDB `predictions` table "
+    description="Every transaction of the day scored by the champion (on this machine, or on Spark with "
+    "ML_PLATFORM_BATCH_ENGINE=spark) into the DuckDB `predictions` table "
     "(data/predictions.duckdb); each day is swapped in atomically (a range: day by day, in one run), and "
     "written to the prediction log (data/predictions_log/source=batch/date=YYYY-MM-DD/, replaced on re-scoring).",
 )
 def batch_predictions(
-    context: dg.AssetExecutionContext, feature_store: FeatureStoreResource, mlflow: MLflowRegistryResource
+    context: dg.AssetExecutionContext,
+    feature_store: FeatureStoreResource,
+    mlflow: MLflowRegistryResource,
+    spark: dg.ResourceParam[Any],
 ) -> dg.MaterializeResult:
     from pathlib import Path
 
@@ -403,12 +407,15 @@ def batch_predictions(
 
     model = load_champion(mlflow.registry())
     store = feature_store.store()
+    # DuckDB on this machine, or (ML_PLATFORM_BATCH_ENGINE=spark) the `spark` resource's session
+    score = spark.score_partition if feature_store.batch_engine == "spark" else score_partition
     days = []
     for day in sorted(context.partition_keys):
-        out = score_partition(
-            store, model, day, feature_store.predictions_db, log_dir=feature_store.predictions_log_dir
+        out = score(
+            store, model, day, duckdb_path=feature_store.predictions_db, log_dir=feature_store.predictions_log_dir
         )
-        context.log.info(f"scored {day}: {out['rows']} rows, {out['positives_flagged']} flagged")
+        context.log.info(f"scored {day} ({feature_store.batch_engine}): {out['rows']} rows, "
+                         f"{out['positives_flagged']} flagged")
         days.append(out)
     return dg.MaterializeResult(
         metadata={

@@ -38,6 +38,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
     redis_url: str | None = None  # None: REDIS_URL, else the embedded redis-server under repo_path
     project: str = DEFAULT_PROJECT  # key prefix of the online store and the prediction log
     engine: str = "duckdb"  # what computes the offline tables: one of settings.OFFLINE_ENGINES
+    batch_engine: str = "duckdb"  # what scores batch_predictions' days: one of settings.OFFLINE_ENGINES
 
     def offline_engine(self, spark=None):
         """The offline engine (`featurestore.spark_offline`); "spark" runs on `spark`'s session
@@ -229,6 +230,7 @@ def default_resources(settings: Settings | None = None, **source_overrides) -> d
             redis_url=secret_reference(settings.redis_url, "REDIS_URL"),
             project=settings.project,
             engine=settings.offline_engine,
+            batch_engine=settings.batch_engine,
         ),
         "spark": spark_resource(),
         "mlflow": MLflowRegistryResource(

@@ -15,43 +15,41 @@ predictions as `serving.batch.score_partition`, computed from the same public pi
    dropped first. The feature tables are the store's (`FeatureStore.feature_table` checks each
    is materialized from the current definition) or the view's raw source.
 3. `mapInPandas` scores each Arrow batch: `scoring.assemble_features` (request-time features)
-   -> `LoadedModel.predict_proba` -> `decide`, the model shipped to the Python workers.
-4. The predictions (the columns of `predictions_db.PREDICTION_COLUMNS`) are written as Parquet to
-   `output_dir` (a scratch folder renamed into place); with `duckdb_path` they are also published
-   into the predictions table by `predictions_db.swap_partition` (one transaction per day, as
-   `score_partition` does). The prediction log is not written by this path.
+   -> `LoadedModel.predict_proba` -> `decide`, the model shipped to the Python workers; each
+   batch comes out as the day's prediction log rows (`prediction_log.batch_log_rows`: the
+   transaction, score, decision and the model's inputs), kept (memory and disk) for two writes.
+4. The predictions (the columns of `predictions_db.PREDICTION_COLUMNS`, a projection of the log
+   rows) are written as Parquet to `output_dir`, and the log rows to the prediction log's
+   `source=batch/date=D/` folder, each a scratch folder renamed into place; with `duckdb_path`
+   the predictions are also published into the predictions table by
+   `predictions_db.swap_partition` (one transaction per day, as `score_partition` does). The
+   writes are `spark_batch_output`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
-import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ml_platform import features as fr
 from ml_platform.featurestore import offline
 from ml_platform.featurestore.definitions import FEATURE_LOOKUP_OFFSET, FeatureView, parse_feature_ref
 from ml_platform.featurestore.spark_offline import prepare_session, read_parquet_source
 from ml_platform.featurestore.spark_sql import SPARK_TYPES
-from ml_platform.serving.predictions_db import (
-    PREDICTION_COLUMNS,
-    PREDICTIONS_TABLE,
-    TRANSACTION_ID,
-    as_day,
-    columns_sql,
-    swap_partition,
-)
+from ml_platform.serving.prediction_log import DECISIONS, batch_log_rows, batch_log_schema, day_dir
+from ml_platform.serving.predictions_db import PREDICTION_COLUMNS, PREDICTIONS_TABLE, TRANSACTION_ID, as_day
 from ml_platform.serving.scoring import LoadedModel, assemble_features
-from ml_platform.timestamps import span_us, to_us
+from ml_platform.serving.spark_batch_output import publish, write_log, write_predictions
+from ml_platform.settings import Settings
+from ml_platform.timestamps import span_us
 
 SPARK_OUTPUT_DIR = "predictions_spark"  # default output: <repo>/predictions_spark/date=D/
 
@@ -64,18 +62,6 @@ _MATCH = "__match"
 _MATCH_TS = "__match_us"
 _MIN_US, _MAX_US = -(2**63), 2**63 - 1
 _REQUIRED = [TRANSACTION_ID, "user_id", "merchant_id", fr.EVENT_TS]
-_SPARK_PREDICTION_TYPES = {
-    "VARCHAR": "string",
-    "BIGINT": "bigint",
-    "INTEGER": "int",
-    "DOUBLE": "double",
-    "BOOLEAN": "boolean",
-    "TIMESTAMPTZ": "timestamp",
-    "DATE": "date",
-}
-PREDICTIONS_SPARK_SCHEMA = ", ".join(
-    f"{n} {_SPARK_PREDICTION_TYPES[t]}" for n, t in PREDICTION_COLUMNS.items()
-)
 
 
 def score_partition_spark(
@@ -86,15 +72,18 @@ def score_partition_spark(
     *,
     output_dir: str | os.PathLike | None = None,
     duckdb_path: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
     lock_timeout_s: float = 120.0,
 ) -> dict[str, Any]:
     """Score every transaction of `day` on `spark` with `loaded_model` (see the module doc).
 
     Writes the predictions as Parquet to `output_dir` (default <repo>/predictions_spark/date=D),
-    replacing a previous run's, and, given `duckdb_path`, replaces the day's rows of that
-    predictions database in one transaction. Returns rows, seconds, rows_per_s, positives_flagged,
-    model_version, decision_threshold, day, output_dir, duckdb_path. Raises FileNotFoundError if the
-    day has no raw partition, ValueError for NULLs in a required column."""
+    replacing a previous run's; given `duckdb_path`, replaces the day's rows of that predictions
+    database in one transaction; and writes the day's prediction log (`source=batch`) under
+    `log_dir` (default with `duckdb_path`: the data directory's log, as `score_partition` does;
+    without either, no log). Returns rows, seconds, rows_per_s, positives_flagged, model_version,
+    decision_threshold, day, output_dir, duckdb_path, table, log_path. Raises FileNotFoundError if
+    the day has no raw partition, ValueError for NULLs in a required column."""
     from pyspark import StorageLevel
 
     prepare_session(spark)
@@ -103,28 +92,38 @@ def score_partition_spark(
     scored_at = datetime.now(UTC)
     contract = loaded_model.contract
     output_dir = Path(output_dir or store.repo_path / SPARK_OUTPUT_DIR / f"date={day.isoformat()}")
+    if log_dir is None and duckdb_path is not None:
+        log_dir = Settings.model_construct(data_dir=Path(duckdb_path).expanduser().resolve().parent).predictions_log_dir
     events = _day_events(spark, store, day, contract.request_columns).persist(StorageLevel.MEMORY_AND_DISK)
+    scored = None
     try:
         looked_up = _point_in_time_features(spark, store, events, contract.feature_refs)
         event_columns = [c for c in events.columns if c != _ROW]
         feature_columns = [c for c in looked_up.columns if c != _ROW]
         joined = events.join(looked_up, on=_ROW, how="left")
+        log_schema = batch_log_schema(contract)
         scored = joined.mapInPandas(
-            _scorer(loaded_model, event_columns, feature_columns, day, scored_at), PREDICTIONS_SPARK_SCHEMA
-        )
-        rows, flagged = _write_output(scored, output_dir)
+            _scorer(loaded_model, event_columns, feature_columns, scored_at), _spark_schema(log_schema)
+        ).persist(StorageLevel.MEMORY_AND_DISK)  # written twice: the predictions, the log
+        rows, flagged = write_predictions(_predictions(scored, day), output_dir)
+        log_path = None if log_dir is None else write_log(scored, day_dir(log_dir, "batch", day))
     finally:
+        if scored is not None:
+            scored.unpersist()
         events.unpersist()
     if duckdb_path is not None:
-        _publish(
+        publish(
             Path(duckdb_path).expanduser().resolve(),
             output_dir,
-            day,
-            rows,
-            flagged,
-            loaded_model,
-            scored_at,
-            time.perf_counter() - started,
+            {
+                "day": day,
+                "rows": rows,
+                "positives_flagged": flagged,
+                "model_version": int(loaded_model.version),
+                "decision_threshold": float(contract.decision_threshold),
+                "scored_at": scored_at,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
             lock_timeout_s,
         )
     seconds = time.perf_counter() - started
@@ -138,6 +137,8 @@ def score_partition_spark(
         "decision_threshold": float(contract.decision_threshold),
         "output_dir": str(output_dir),
         "duckdb_path": None if duckdb_path is None else str(duckdb_path),
+        "table": PREDICTIONS_TABLE,
+        "log_path": None if log_path is None else str(log_path),
         "engine": "spark",
     }
 
@@ -302,89 +303,62 @@ def _all_not_null(columns):
 # --------------------------------------------------------------------------- scoring and output
 
 
-def _scorer(loaded_model: LoadedModel, event_columns, feature_columns, day: date, scored_at: datetime):
-    """The mapInPandas function: each batch of events + looked-up features -> prediction rows."""
-    version = int(loaded_model.version)
-    scored_at_ts = pd.Timestamp(to_us(scored_at), unit="us", tz="UTC")
-    day_value = pd.Timestamp(day.isoformat()).date()
+def _scorer(loaded_model: LoadedModel, event_columns, feature_columns, scored_at: datetime):
+    """The mapInPandas function: each batch of events + looked-up features -> the day's log rows
+    (`prediction_log.batch_log_rows`: the transaction, the score and decision, the model's inputs;
+    the predictions table's rows are a projection of them, `_predictions`)."""
 
     def score(batches):
         for batch in batches:
+            started = time.perf_counter()
             events = batch[event_columns].reset_index(drop=True)
             looked_up = batch[feature_columns].reset_index(drop=True)
             frame = assemble_features(events, looked_up)
             scores = np.asarray(loaded_model.predict_proba(frame), dtype=np.float64)
-            n = len(frame)
-            yield pd.DataFrame(
-                {
-                    TRANSACTION_ID: events[TRANSACTION_ID].astype(object),
-                    "user_id": events["user_id"].astype("int64"),
-                    "merchant_id": events["merchant_id"].astype("int64"),
-                    fr.EVENT_TS: frame[fr.EVENT_TS],
-                    "score": scores,
-                    "decision": np.asarray(loaded_model.decide(scores), dtype=bool),
-                    "model_version": np.full(n, version, dtype=np.int32),
-                    "scored_at": [scored_at_ts] * n,
-                    "day": [day_value] * n,
-                }
-            )
+            predictions = pa.table({
+                TRANSACTION_ID: pa.array(events[TRANSACTION_ID].astype(object), pa.string()),
+                fr.EVENT_TS: pa.array(frame[fr.EVENT_TS]),
+                "score": scores,
+                "decision": np.asarray(loaded_model.decide(scores), dtype=bool),
+            })
+            latency_ms = (time.perf_counter() - started) * 1000.0 / max(len(frame), 1)
+            rows = batch_log_rows(loaded_model, predictions, events, frame, scored_at, latency_ms).to_pandas()
+            for name, dtype in rows.dtypes.items():  # text as Python objects, as Spark converts them
+                if not pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_datetime64_any_dtype(dtype):
+                    rows[name] = rows[name].astype(object)
+            yield rows
 
     return score
 
 
-def _write_output(scored, output_dir: Path) -> tuple[int, int]:
-    """Write the predictions to a scratch folder, then rename it over `output_dir`; (rows, flagged)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    old = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
-    try:
-        scored.write.mode("overwrite").option("compression", "zstd").parquet(str(scratch))
-        with contextlib.closing(offline.connect()) as con:
-            rows, flagged = con.sql(
-                f"SELECT count(*), count(*) FILTER (WHERE decision) FROM {offline.scan_sql(str(scratch), what='Spark predictions')}"
-            ).fetchall()[0]
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(scratch, output_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return int(rows), int(flagged)
+def _predictions(scored, day: date):
+    """The predictions table's rows (PREDICTION_COLUMNS) of the day's log rows."""
+    from pyspark.sql import functions as F
+
+    return scored.select(
+        F.col(TRANSACTION_ID),
+        F.col("user_id"),
+        F.col("merchant_id"),
+        F.col(fr.EVENT_TS),
+        F.col("probability").alias("score"),
+        (F.col("decision") == F.lit(DECISIONS[0])).alias("decision"),
+        F.col("model_version").cast("int").alias("model_version"),
+        F.col("predicted_at").alias("scored_at"),
+        F.lit(day).alias("day"),
+    )
 
 
-def _publish(
-    duckdb_path: Path,
-    output_dir: Path,
-    day: date,
-    rows: int,
-    flagged: int,
-    loaded_model: LoadedModel,
-    scored_at: datetime,
-    seconds: float,
-    lock_timeout_s: float,
-) -> None:
-    """Replace the day's rows of the predictions database with the written ones (one transaction)."""
-    staging_dir = duckdb_path.parent / f".{duckdb_path.name}.staging"
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir / f"{day.isoformat()}-spark-{uuid.uuid4().hex[:12]}.duckdb"
-    try:
-        with contextlib.closing(duckdb.connect(str(staging))) as con:
-            con.execute("SET TimeZone = 'UTC'")
-            con.execute(f"CREATE TABLE {PREDICTIONS_TABLE} ({columns_sql(PREDICTION_COLUMNS)})")
-            cols = ", ".join(offline.quote_identifier(c) for c in PREDICTION_COLUMNS)
-            scan = offline.scan_sql(str(output_dir), what="Spark predictions")
-            con.execute(f"INSERT INTO {PREDICTIONS_TABLE} SELECT {cols} FROM {scan}")
-            con.execute("CHECKPOINT")
-        record = {
-            "day": day,
-            "rows": rows,
-            "positives_flagged": flagged,
-            "model_version": int(loaded_model.version),
-            "decision_threshold": float(loaded_model.contract.decision_threshold),
-            "scored_at": scored_at,
-            "seconds": round(seconds, 3),
-        }
-        swap_partition(duckdb_path, staging, record, lock_timeout_s)
-    finally:
-        for leftover in (staging, staging.with_name(staging.name + ".wal")):
-            leftover.unlink(missing_ok=True)
+def _spark_schema(schema: pa.Schema):
+    """The Spark StructType of an Arrow schema of the log's types (names kept as they are: the
+    model inputs' `feature.<name>` hold a dot)."""
+    from pyspark.sql import types as T
+
+    kinds = {pa.string(): T.StringType(), pa.int64(): T.LongType(), pa.int32(): T.IntegerType(),
+             pa.float64(): T.DoubleType(), pa.bool_(): T.BooleanType()}
+    fields = []
+    for f in schema:
+        kind = T.TimestampType() if pa.types.is_timestamp(f.type) else kinds.get(f.type)
+        if kind is None:
+            raise TypeError(f"prediction log column {f.name!r} has type {f.type}, which the Spark path does not write")
+        fields.append(T.StructField(f.name, kind, nullable=True))
+    return T.StructType(fields)
