@@ -189,6 +189,9 @@ class SparkUnavailable(dg.ConfigurableResource):
     def spark_session(self):
         raise RuntimeError("ML_PLATFORM_OFFLINE_ENGINE=spark needs the spark extra: pip install 'ml_platform[spark]'")
 
+    def score_partition(self, *args, **kwargs):
+        raise RuntimeError("ML_PLATFORM_BATCH_ENGINE=spark needs the spark extra: pip install 'ml_platform[spark]'")
+
 
 def spark_resource() -> dg.ConfigurableResource:
     """dagster-pyspark's lazy resource (no JVM until a step asks for the session), or a stand-in."""
