@@ -112,6 +112,19 @@ def read_scored_days(duckdb_path: str | os.PathLike, *, timeout_s: float = 30.0)
         return con.execute(f"SELECT * FROM {PARTITIONS_TABLE} ORDER BY day").df()
 
 
+def partition_record(day: date, rows: int, flagged: int, loaded_model, scored_at, seconds: float) -> dict[str, Any]:
+    """The day's `prediction_partitions` row (PARTITION_COLUMNS) for `swap_partition`."""
+    return {
+        "day": day,
+        "rows": int(rows),
+        "positives_flagged": int(flagged),
+        "model_version": int(loaded_model.version),
+        "decision_threshold": float(loaded_model.contract.decision_threshold),
+        "scored_at": scored_at,
+        "seconds": round(seconds, 3),
+    }
+
+
 def swap_partition(duckdb_path: Path, staging: Path, record: dict[str, Any], lock_timeout_s: float,
                    after_commit: Callable[[], Any] | None = None) -> Any:
     """Replace the day's rows with the staged ones in one transaction (all or nothing); then, still

@@ -45,7 +45,13 @@ from ml_platform.featurestore.definitions import FEATURE_LOOKUP_OFFSET, FeatureV
 from ml_platform.featurestore.spark_offline import prepare_session, read_parquet_source
 from ml_platform.featurestore.spark_sql import SPARK_TYPES
 from ml_platform.serving.prediction_log import DECISIONS, batch_log_rows, batch_log_schema, day_dir
-from ml_platform.serving.predictions_db import PREDICTION_COLUMNS, PREDICTIONS_TABLE, TRANSACTION_ID, as_day
+from ml_platform.serving.predictions_db import (
+    PREDICTION_COLUMNS,
+    PREDICTIONS_TABLE,
+    TRANSACTION_ID,
+    as_day,
+    partition_record,
+)
 from ml_platform.serving.scoring import LoadedModel, assemble_features
 from ml_platform.serving.spark_batch_output import publish, write_log, write_predictions
 from ml_platform.settings import Settings
@@ -115,15 +121,7 @@ def score_partition_spark(
         publish(
             Path(duckdb_path).expanduser().resolve(),
             output_dir,
-            {
-                "day": day,
-                "rows": rows,
-                "positives_flagged": flagged,
-                "model_version": int(loaded_model.version),
-                "decision_threshold": float(contract.decision_threshold),
-                "scored_at": scored_at,
-                "seconds": round(time.perf_counter() - started, 3),
-            },
+            partition_record(day, rows, flagged, loaded_model, scored_at, time.perf_counter() - started),
             lock_timeout_s,
         )
     seconds = time.perf_counter() - started
