@@ -9,6 +9,10 @@ the same join keys and `T - ttl <= event_timestamp <= T` (no lower bound when tt
 equal event timestamps are broken by the latest `created_timestamp`; no such row -> nulls.
 The join is a DuckDB `ASOF LEFT JOIN`, so every entity row is answered exactly once; the entity
 rows are numbered, and the answer is put back in their order by that number (a scatter, no sort).
+
+Why ~410 lines in one module: the scans, the normalized feature tables and the point-in-time SQL
+are one contract (the join reads the columns the tables define, the tables the scans' columns);
+split, the point-in-time rule would be read across modules. Each part is a few small functions.
 """
 
 from __future__ import annotations

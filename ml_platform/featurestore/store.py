@@ -8,7 +8,7 @@ Paths: a FileSource path is relative to `repo_path` unless absolute; aggregated 
 materialized to `repo_path/offline/<view>.parquet`; the registry is mirrored in
 `repo_path/registry.json` (read back when a store is opened on the same path).
 
-Why ~470 lines in one module: it is the facade a user holds (Feast's `FeatureStore`); each method
+Why ~480 lines in one module: it is the facade a user holds (Feast's `FeatureStore`); each method
 is a few lines over `offline`, `aggregation`, `online/` and `materialize_online`, and the registry
 file it keeps is its own state. The SQL and the stores live in those modules.
 """
