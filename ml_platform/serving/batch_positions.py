@@ -49,6 +49,7 @@ ARROW_TYPES = {
 }
 
 
+_ANSWER_BATCH_ROWS = 1_000_000  # the join's answers are put in event order this many at a time
 _BLOCK_BITS = 6  # 2**6 = 64 rows per entry of the map of matched rows (`_row_groups`)
 
 
@@ -116,23 +117,24 @@ def stage_positional(
     rows of `files` in that order), then gather every feature into event order under `folder`
     (see the module docstring)."""
     sql = offline.point_in_time_sql(table, [(offline.FILE_ROW, offline.FILE_ROW)])
-    answers = con.sql(sql).to_arrow_table()
-    rows = answers.column(offline.ROW_ID).to_numpy()
-    matched = pc.fill_null(answers.column(offline.FILE_ROW), -1).to_numpy()
-    del answers
-    if len(rows) != n_events:
+    by_row = np.full(n_events, -2, dtype=np.int64)  # each event's matched file row, -1 for none
+    answered = 0
+    # put in event order batch by batch as DuckDB streams them (no table of the day's answers)
+    for batch in con.sql(sql).to_arrow_reader(_ANSWER_BATCH_ROWS):
+        by_row[batch.column(offline.ROW_ID).to_numpy()] = pc.fill_null(
+            batch.column(offline.FILE_ROW), -1
+        ).to_numpy()
+        answered += batch.num_rows
+    if answered != n_events:
         raise RuntimeError(
-            f"point-in-time join for feature view {view.name!r} answered {len(rows)} of {n_events} "
+            f"point-in-time join for feature view {view.name!r} answered {answered} of {n_events} "
             "events; this is a bug in batch scoring"
         )
-    by_row = np.full(n_events, -2, dtype=np.int64)
-    by_row[rows] = matched
     if (by_row == -2).any():
         raise RuntimeError(
             f"point-in-time join for feature view {view.name!r} did not answer every event once; "
             "this is a bug in batch scoring"
         )
-    del rows, matched
     parquets = [pq.ParquetFile(f) for f in files]
     picks, index = _row_groups(parquets, by_row)
     folder.mkdir(parents=True, exist_ok=True)
