@@ -116,6 +116,25 @@ def test_the_spark_day_is_in_the_prediction_log_as_the_platform_path_logs_it(spa
     assert set(ours["predicted_at"]) == set(published["scored_at"])  # one time: the run's
 
 
+def test_a_day_scored_again_by_either_path_keeps_one_scorers_log_rows(spark, tiny_platform, champion, last_day, tmp_path):
+    from ml_platform.serving.prediction_log_reader import read_prediction_log
+
+    log_dir = tmp_path / "log"
+    folder = log_dir / "source=batch" / f"date={last_day}"
+
+    def logged() -> pd.DataFrame:
+        return read_prediction_log(log_dir, start=last_day, end=last_day, sources=["batch"])
+
+    spark_day = score_partition_spark(spark, tiny_platform.store, champion, last_day, output_dir=tmp_path / "out",
+                                      log_dir=log_dir)
+    assert len(logged()) == spark_day["rows"] and all(p.name.startswith("part-") for p in folder.glob("*.parquet"))
+    score_partition(tiny_platform.store, champion, last_day, tmp_path / "p.duckdb", log_dir=log_dir)
+    assert [p.name for p in folder.glob("*.parquet")] == ["predictions.parquet"]  # Spark's parts removed
+    assert len(logged()) == spark_day["rows"] and logged()["transaction_id"].is_unique
+    score_partition_spark(spark, tiny_platform.store, champion, last_day, output_dir=tmp_path / "out", log_dir=log_dir)
+    assert not (folder / "predictions.parquet").exists() and len(logged()) == spark_day["rows"]
+
+
 def test_the_platforms_batch_asset_scores_on_spark_when_the_setting_says_so(spark, tiny_platform, last_day, reference):
     """ML_PLATFORM_BATCH_ENGINE=spark is all a deployment changes: `batch_predictions`, with the
     platform's resources, scores the day on the `spark` resource's session into the predictions

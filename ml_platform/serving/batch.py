@@ -62,6 +62,7 @@ from ml_platform.serving.predictions_db import (  # re-exported: the published t
     PredictionsLockedError,
     as_day,
     columns_sql,
+    partition_record,
     read_predictions,
     read_scored_days,
     swap_partition,
@@ -193,18 +194,11 @@ def score_partition(
             con.execute("CHECKPOINT")
         seconds_before_swap = time.perf_counter() - started
         t, c = time.perf_counter(), time.process_time()
-        record = {
-            "day": day,
-            "rows": rows,
-            "positives_flagged": flagged,
-            "model_version": int(loaded_model.version),
-            "decision_threshold": float(contract.decision_threshold),
-            "scored_at": scored_at,
-            "seconds": round(seconds_before_swap, 3),
-        }
+        record = partition_record(day, rows, flagged, loaded_model, scored_at, seconds_before_swap)
         # The log file after the commit (it never shows rows that were not published) and before the
         # database is let go (another run's swap of the day cannot come in between).
-        log_path = swap_partition(duckdb_path, staging, record, lock_timeout_s, after_commit=log.commit)
+        log_path = swap_partition(duckdb_path, staging, record, lock_timeout_s,
+                                  after_commit=lambda: _commit_day_log(log))
         timings["swap_s"] = time.perf_counter() - t
         cpu["swap_s"] = time.process_time() - c
     finally:
@@ -235,6 +229,17 @@ def score_partition(
         **{k: round(v, 3) for k, v in timings.items()},
     }
 
+
+
+def _commit_day_log(log: DayFileWriter) -> Path:
+    """The day's log file put in place as the folder's only file: another scorer's files of the
+    day (a Spark run's parts, `spark_batch_output.write_log`) are removed after it (a reader in
+    between sees a transaction twice, which the log's readers count once)."""
+    path = log.commit()
+    for other in path.parent.glob("*.parquet"):
+        if other != path:
+            other.unlink(missing_ok=True)
+    return path
 
 def raw_partition_files(store, day: date | str) -> list[Path]:
     """The Parquet files of `day`'s raw transaction partition (FileNotFoundError if none)."""
