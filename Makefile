@@ -1,5 +1,7 @@
 # The two commands a fresh clone needs:  `make demo`  and  `make test`.
 PYTHON ?= python3
+# The suite on two pytest-xdist workers, a test module each at a time (`PARALLEL=` runs it in one process).
+PARALLEL ?= -n 2 --dist loadfile
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
@@ -22,14 +24,14 @@ demo: $(STAMP)
 ## the integration tests again in the production profile (PostgreSQL on 127.0.0.1:5432, an MLflow
 ## server, Redis ACL users). With ARGS (e.g. ARGS=ml_platform_tests/test_api.py) only pytest $(ARGS).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) $(ARGS)
 ifeq ($(strip $(ARGS)),)
 	$(MAKE) --no-print-directory test-production
 endif
 
 ## The integration tests (marker `integration`) in the production profile.
 test-production: $(STAMP)
-	ML_PLATFORM_TEST_PROFILE=production $(BIN)/python -m pytest -m integration $(PROD_ARGS)
+	ML_PLATFORM_TEST_PROFILE=production $(BIN)/python -m pytest $(PARALLEL) -m integration $(PROD_ARGS)
 
 ## The Dagster web UI on http://127.0.0.1:3000 (DAGSTER_HOME under data/).
 ui: $(STAMP)

@@ -14,12 +14,59 @@ from fixtures_platform import TEST_REDIS_URL
 warnings.filterwarnings("ignore", message=".*noload.*")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """test_scenarios last: it waits for the two scenarios, which by then have run beside the rest
+    of the suite (and a pytest-xdist worker hands its module out last, not waiting midway)."""
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0].endswith("test_scenarios.py"))
+
+
 def pytest_collection_finish(session):
-    """Start the two 60-day scenarios now when a test reading them will run: they overlap the suite."""
+    """Start the two 60-day scenarios now when a test reading them will run: they overlap the suite
+    (a plain pytest; under pytest-xdist the controller starts them, `pytest_sessionstart`)."""
+    if _xdist_worker(session.config) or _xdist_controller(session.config):
+        return
     if any("scenarios" in getattr(item, "fixturenames", ()) for item in session.items):
         import scenario_runs
 
         scenario_runs.start()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """pytest-xdist's controller collects nothing: it starts the scenarios, before its workers
+    start, when the selection takes in test_scenarios.py (no -k or -m; a path that holds it); the
+    worker that runs test_scenarios finds them (`scenario_runs.HANDOFF_ENV`)."""
+    config = session.config
+    if not _xdist_controller(config) or config.option.markexpr or config.option.keyword:
+        return
+    from pathlib import Path
+
+    target = (Path(__file__).parent / "test_scenarios.py").resolve()
+    given = [a.split("::", 1)[0] for a in config.args] or config.getini("testpaths") or ["."]
+    paths = [(Path(config.invocation_params.dir) / a).resolve() for a in given]
+    if any(p == target or p in target.parents for p in paths):
+        import scenario_runs
+
+        scenario_runs.start()
+
+
+def pytest_sessionfinish(session):
+    """The scenarios' processes and folder never outlive the session (test_scenarios normally
+    cleans them up; a run stopped early, or one that deselected it, leaves them to this)."""
+    if _xdist_worker(session.config):
+        return
+    import scenario_runs
+
+    if scenario_runs._RUNS is not None:
+        scenario_runs.cleanup(scenario_runs._RUNS)
+
+
+def _xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config) -> bool:
+    return not _xdist_worker(config) and bool(getattr(config.option, "numprocesses", None))
 
 
 @pytest.fixture()
