@@ -178,8 +178,11 @@ class _Faulty:
     def score(self, rows, looked_up):
         if self.mode == "raise":
             raise RuntimeError("shadow model exploded")
-        time.sleep(2.0)
+        time.sleep(SHADOW_SLEEP_S)
         return self.real.score(rows, looked_up)
+
+
+SHADOW_SLEEP_S = 2.0  # the hung shadow's time per score: a live request that waited would take as long
 
 
 @pytest.mark.parametrize("fault", [None, "raise", "sleep"])
@@ -201,9 +204,11 @@ def test_shadow_never_changes_the_live_response(api, tiny_platform, experiments,
         assert (after["probability"], after["decision"], after["model_version"]) == (
             before["probability"], before["decision"], before["model_version"])  # fmt: skip
         assert after["experiment"] == f"shadow-{fault}" and after["arm"] == "v2"
+    # No live request waits for the shadow: each is far below the hung shadow's time (how fast the
+    # API is, is bench/'s to measure: here the other tests share the 2 cores)
     latencies = np.array([p["latency_ms"] for p in live])
-    assert np.percentile(latencies, 99) < 25.0, f"live p99 {np.percentile(latencies, 99):.1f} ms with shadow {fault}"
-    assert elapsed < 3.0, f"30 live requests took {elapsed:.1f} s with a shadow that {fault}s"  # a 2 s sleep each otherwise
+    assert latencies.max() < SHADOW_SLEEP_S * 1000 / 2, f"live max {latencies.max():.1f} ms with shadow {fault}"
+    assert elapsed < len(rows) * SHADOW_SLEEP_S / 2, f"{len(rows)} live requests took {elapsed:.1f} s with a shadow that {fault}s"
     if fault == "sleep":
         assert _state(api).shadow.dropped > 0  # the hung shadow's queue filled: rows dropped, not waited for
         monkeypatch.undo()
