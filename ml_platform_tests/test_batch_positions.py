@@ -158,14 +158,7 @@ def test_by_number_answers_by_hand_nulls_ttl_and_no_row(tmp_path):
     scan = offline.scan_sql(str(path), file_row_number=True)
     table = offline.materialized_feature_table(view, scan, extra=[f"file_row_number AS {offline.FILE_ROW}"])
     lookups = [(1, "10:30"), (1, "11:30"), (2, "12:00"), (3, "12:00"), (2, "11:00")]
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute(
-        f"CREATE TEMP TABLE {offline.ENTITY_TABLE} ({offline.ROW_ID} BIGINT, user_id BIGINT, "
-        f"{offline.ENTITY_TS} TIMESTAMPTZ)"
-    )
-    for i, (u, at) in enumerate(lookups):
-        con.execute(f"INSERT INTO {offline.ENTITY_TABLE} VALUES (?, ?, ?)", [i, u, T(f"2024-01-01 {at}")])
+    con = _entity_rows(lookups)
 
     staged = stage_positional(
         con, view, table, [path], ["x", "n"], (pa.float64(), pa.int64()), 5, tmp_path / "v", 2
@@ -219,14 +212,7 @@ def test_raw_source_by_number_by_hand_text_ttl_nulls_two_files(tmp_path):
         (4, "11:00"),
         (1, "08:00"),
     ]
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute(
-        f"CREATE TEMP TABLE {offline.ENTITY_TABLE} ({offline.ROW_ID} BIGINT, user_id BIGINT, "
-        f"{offline.ENTITY_TS} TIMESTAMPTZ)"
-    )
-    for i, (u, hm) in enumerate(lookups):
-        con.execute(f"INSERT INTO {offline.ENTITY_TABLE} VALUES (?, ?, ?)", [i, u, T(f"2024-01-01 {hm}")])
+    con = _entity_rows(lookups)
 
     table, files = store.numbered_feature_table(con, view)
     assert [f.name for f in files] == ["a.parquet", "b.parquet"]
@@ -244,3 +230,19 @@ def test_raw_source_by_number_by_hand_text_ttl_nulls_two_files(tmp_path):
     assert country.to_pylist() == ["FR", "DE", None, "IT", None, None, None]
     assert age.to_pylist() == [10, None, 20, 21, None, None, None]
     assert [a.to_pylist() for a in tail] == [["IT", None], [21, None]]  # a chunk's row range
+
+
+def _entity_rows(lookups: list[tuple[int, str]]):
+    """A connection holding the entity rows point_in_time_sql joins from: (user, "HH:MM" on
+    2024-01-01) numbered 0..n-1 in this order."""
+    from featurestore_fixtures import T
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(
+        f"CREATE TEMP TABLE {offline.ENTITY_TABLE} ({offline.ROW_ID} BIGINT, user_id BIGINT, "
+        f"{offline.ENTITY_TS} TIMESTAMPTZ)"
+    )
+    for i, (u, hm) in enumerate(lookups):
+        con.execute(f"INSERT INTO {offline.ENTITY_TABLE} VALUES (?, ?, ?)", [i, u, T(f"2024-01-01 {hm}")])
+    return con
