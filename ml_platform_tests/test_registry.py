@@ -199,7 +199,7 @@ def test_a_version_loaded_again_in_the_process_is_not_downloaded_again(registry_
 
 
 def test_version_1_of_two_stores_is_each_stores_own_model(tmp_path, trained):
-    """The process's loaded models are keyed by the store too (and by the version's run)."""
+    """Loaded models are not keyed by name and version alone: each store's version 1 is its own."""
     from ml_platform.registry import ModelRegistry
 
     split, models = trained

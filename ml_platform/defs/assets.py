@@ -8,7 +8,7 @@ serving:   online_features (Redis, with the online/offline skew check), batch_pr
            prediction_log (the API's log and the stream worker's outputs drained to Parquet; batch writes its own days)
 
 Each body is a few lines over the domain library; metadata makes every step inspectable in the UI.
-Why one module of ~460 lines: the graph reads top to bottom in one place (each asset's upstream
+Why one module of ~470 lines: the graph reads top to bottom in one place (each asset's upstream
 is visible next to it); the logic is in the domain library, so splitting would only scatter keys.
 """
 

@@ -62,13 +62,13 @@ from ml_platform.serving.predictions_db import (  # re-exported: the published t
     PredictionsLockedError,
     as_day,
     columns_sql,
+    log_dir_beside,
     partition_record,
     read_predictions,
     read_scored_days,
     swap_partition,
 )
 from ml_platform.serving.scoring import LoadedModel
-from ml_platform.settings import Settings
 
 __all__ = [
     "PARTITIONS_TABLE",
@@ -145,7 +145,7 @@ def score_partition(
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}  # the same phases' CPU seconds (all threads of the process)
     if log_dir is None:
-        log_dir = Settings.model_construct(data_dir=duckdb_path.parent).predictions_log_dir
+        log_dir = log_dir_beside(duckdb_path)
     log = DayFileWriter(day_dir(log_dir, "batch", day) / BATCH_FILE, batch_log_schema(contract))
     try:
         with contextlib.closing(_staging_connection(store, staging, memory_limit)) as con:
@@ -229,17 +229,16 @@ def score_partition(
         **{k: round(v, 3) for k, v in timings.items()},
     }
 
-
-
 def _commit_day_log(log: DayFileWriter) -> Path:
     """The day's log file put in place as the folder's only file: another scorer's files of the
     day (a Spark run's parts, `spark_batch_output.write_log`) are removed after it (a reader in
-    between sees a transaction twice, which the log's readers count once)."""
+    between sees the day's transactions twice; monitoring's reader keeps one row per transaction)."""
     path = log.commit()
     for other in path.parent.glob("*.parquet"):
         if other != path:
             other.unlink(missing_ok=True)
     return path
+
 
 def raw_partition_files(store, day: date | str) -> list[Path]:
     """The Parquet files of `day`'s raw transaction partition (FileNotFoundError if none)."""

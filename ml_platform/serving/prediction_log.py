@@ -324,8 +324,9 @@ def batch_log_rows(
     model inputs (`contract.model_input` of `frame`, what the model read) as typed columns,
     `latency_ms` the chunk's scoring time per row; all built column-wise.
 
-    Batch scoring itself now uses `batch_columns.log_rows`; this one stays for the benchmark's
-    baseline (bench/batch_scoring.py runs serving/batch.py of 682df2b, which calls it)."""
+    The Spark path logs its batches with it (`spark_batch`: scikit-learn scores, as here); the
+    DuckDB path uses `batch_columns.log_rows`, and the benchmark's baseline (serving/batch.py of
+    682df2b, run by bench/batch_scoring.py) calls this one too."""
     contract = loaded_model.contract
     ids = predictions.column("transaction_id")
     decision = pc.if_else(predictions.column("decision"), DECISIONS[0], DECISIONS[1])

@@ -112,6 +112,14 @@ def read_scored_days(duckdb_path: str | os.PathLike, *, timeout_s: float = 30.0)
         return con.execute(f"SELECT * FROM {PARTITIONS_TABLE} ORDER BY day").df()
 
 
+def log_dir_beside(duckdb_path: str | os.PathLike) -> Path:
+    """The prediction log of the data directory holding the predictions database (the Settings
+    layout: `<data dir>/predictions_log`), where batch scoring logs a day when told no other."""
+    from ml_platform.settings import Settings
+
+    return Settings.model_construct(data_dir=Path(duckdb_path).expanduser().resolve().parent).predictions_log_dir
+
+
 def partition_record(day: date, rows: int, flagged: int, loaded_model, scored_at, seconds: float) -> dict[str, Any]:
     """The day's `prediction_partitions` row (PARTITION_COLUMNS) for `swap_partition`."""
     return {

@@ -50,11 +50,11 @@ from ml_platform.serving.predictions_db import (
     PREDICTIONS_TABLE,
     TRANSACTION_ID,
     as_day,
+    log_dir_beside,
     partition_record,
 )
 from ml_platform.serving.scoring import LoadedModel, assemble_features
 from ml_platform.serving.spark_batch_output import publish, write_log, write_predictions
-from ml_platform.settings import Settings
 from ml_platform.timestamps import span_us
 
 SPARK_OUTPUT_DIR = "predictions_spark"  # default output: <repo>/predictions_spark/date=D/
@@ -99,7 +99,7 @@ def score_partition_spark(
     contract = loaded_model.contract
     output_dir = Path(output_dir or store.repo_path / SPARK_OUTPUT_DIR / f"date={day.isoformat()}")
     if log_dir is None and duckdb_path is not None:
-        log_dir = Settings.model_construct(data_dir=Path(duckdb_path).expanduser().resolve().parent).predictions_log_dir
+        log_dir = log_dir_beside(duckdb_path)
     events = _day_events(spark, store, day, contract.request_columns).persist(StorageLevel.MEMORY_AND_DISK)
     scored = None
     try:

@@ -121,7 +121,8 @@ def write_partition(frames: Iterable[pd.DataFrame], raw_dir: str | Path, day: da
 # --- Reading ---
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
+def connect() -> duckdb.DuckDBPyConnection:
+    """A connection as this module reads with (UTC session time zone); `read_days` takes one."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     return con
@@ -148,13 +149,8 @@ def read_days(raw_dir: Path, days: list[dt.date], con: duckdb.DuckDBPyConnection
            f"ORDER BY {fr.EVENT_TS}, transaction_id")
     if con is not None:
         return con.execute(sql).df()
-    with _connect() as own:
+    with connect() as own:
         return own.execute(sql).df()
-
-
-def connect() -> duckdb.DuckDBPyConnection:
-    """A connection as `read_days` opens one (UTC session time zone), for a caller reading many days."""
-    return _connect()
 
 
 def all_partition_days(raw_dir: Path) -> list[dt.date]:
@@ -197,7 +193,7 @@ def known_labels(raw_dir: Path, as_of: dt.datetime, days: list[dt.date] | None =
     sql = _known_labels_sql(raw_dir, days)
     if sql is None:
         return LABELS_ARROW_SCHEMA.empty_table().to_pandas()
-    with _connect() as con:
+    with connect() as con:
         table = con.sql(f"SELECT * FROM ({sql}) ORDER BY {fr.LABEL_TS}, transaction_id",
                         params={"as_of": as_of}).to_arrow_table()
     return table.cast(LABELS_ARROW_SCHEMA).to_pandas()
@@ -213,7 +209,7 @@ def labelled_events(raw_dir: Path, as_of: dt.datetime) -> pd.DataFrame:
             f"no raw transactions under {Path(raw_dir) / 'transactions'}: materialize raw_transactions first"
         )
     glob = Path(raw_dir) / "transactions" / "*" / "*.parquet"
-    with _connect() as con:
+    with connect() as con:
         return con.execute(
             f"WITH known AS ({_known_labels_sql(raw_dir)}) "
             f"SELECT e.* EXCLUDE (date, {fr.LABEL}, {fr.LABEL_TS}), k.{fr.LABEL}, k.{fr.LABEL_TS} "
@@ -234,7 +230,7 @@ def latest_label_time(raw_dir: Path) -> dt.datetime | None:
     feed = _label_feed_files(raw_dir)
     if feed:
         newest += f" UNION ALL SELECT max({fr.LABEL_TS}) FROM read_parquet({feed})"
-    with _connect() as con:
+    with connect() as con:
         (value,) = con.execute(
             f"SELECT max(t) FROM ({newest})"
         ).fetchall()[0]
