@@ -34,6 +34,7 @@ EVENT_TS = "event_timestamp"
 CREATED_TS = "created_timestamp"
 LABEL_TS = "label_timestamp"
 LABEL = "is_fraud"
+AMOUNT_DECIMALS = 2  # amounts are in cents: the contract refuses finer ones, the features add them exactly
 
 user = Entity("user", join_keys=["user_id"], value_type=Int64, description="A card holder")
 merchant = Entity("merchant", join_keys=["merchant_id"], value_type=Int64, description="A merchant")
@@ -76,8 +77,8 @@ def _amount_aggs() -> list[Aggregation]:
     for label, window in _WINDOWS.items():
         aggs += [
             Aggregation("count", window, name=f"txn_count_{label}"),
-            Aggregation("sum", window, "amount", name=f"amount_sum_{label}"),
-            Aggregation("mean", window, "amount", name=f"amount_mean_{label}"),
+            Aggregation("sum", window, "amount", name=f"amount_sum_{label}", decimals=AMOUNT_DECIMALS),
+            Aggregation("mean", window, "amount", name=f"amount_mean_{label}", decimals=AMOUNT_DECIMALS),
             Aggregation("max", window, "amount", name=f"amount_max_{label}"),
         ]
     return aggs
@@ -98,7 +99,7 @@ merchant_transaction_stats = FeatureView(
     source=transactions_source,
     aggregations=[
         Aggregation("count", _D, name="merchant_txn_count_24h"),
-        Aggregation("mean", 7 * _D, "amount", name="merchant_amount_mean_7d"),
+        Aggregation("mean", 7 * _D, "amount", name="merchant_amount_mean_7d", decimals=AMOUNT_DECIMALS),
     ],
     ttl=30 * _D,
     description="Merchant activity: transactions in the last 24h and mean amount over 7 days",
@@ -109,7 +110,7 @@ merchant_fraud_stats = FeatureView(
     entities=[merchant],
     source=labels_source,
     aggregations=[
-        Aggregation("mean", 30 * _D, LABEL, name="merchant_fraud_rate_30d"),
+        Aggregation("mean", 30 * _D, LABEL, name="merchant_fraud_rate_30d", decimals=0),  # labels are 0/1
         Aggregation("count", 30 * _D, name="merchant_label_count_30d"),
     ],
     ttl=30 * _D,

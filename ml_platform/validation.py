@@ -36,6 +36,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors, SchemaWarning
 
+from ml_platform import fixed_point
 from ml_platform.features import (
     CATEGORICAL_FEATURES,
     CREATED_TS,
@@ -131,6 +132,17 @@ def _text_value_check(spec: TextField) -> pa.Check:
     return pa.Check(test, name=f"{spec.name}_text", error=label + (f", matching {regex}" if regex else ""))
 
 
+def _decimals_check(name: str, decimals: int) -> pa.Check:
+    """At most `decimals` decimal places (`fixed_point.on_grid`, vectorised); a non-number is the
+    dtype check's finding."""
+
+    def test(s: pd.Series) -> pd.Series:
+        values = pd.to_numeric(s, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+        return pd.Series(~fixed_point.off_grid(values, decimals), index=s.index)
+
+    return pa.Check(test, name=f"{name}_decimals", error=f"{name} has at most {decimals} decimal places")
+
+
 def contract_columns(contract: EventContract = TRANSACTION) -> dict[str, pa.Column]:
     """One pandera column per field of the transaction contract, with the contract's limits."""
     columns: dict[str, pa.Column] = {}
@@ -151,6 +163,8 @@ def contract_columns(contract: EventContract = TRANSACTION) -> dict[str, pa.Colu
                 pa.Check.gt(spec.gt, error=f"{spec.name} > {spec.gt:g}"),
                 pa.Check.lt(spec.lt, error=f"{spec.name} < {spec.lt:g}"),
             ]
+            if spec.decimals is not None:
+                checks.append(_decimals_check(spec.name, spec.decimals))
         else:  # TimestampField: typed in a table
             checks = [_dtype_check("utc_timestamp"), _not_in_future()]
         columns[spec.name] = pa.Column(checks=checks)

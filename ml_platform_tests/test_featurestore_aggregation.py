@@ -18,7 +18,7 @@ from ml_platform.featurestore import (
     compile_aggregation_sql,
     offline,
 )
-from ml_platform.featurestore.aggregation import count_sql, max_sql, mean_sql, min_sql, sum_sql
+from ml_platform.featurestore.aggregation import Frame, count_sql, max_sql, mean_sql, min_sql, sum_sql
 
 H, D = dt.timedelta(hours=1), dt.timedelta(days=1)
 
@@ -172,14 +172,23 @@ def test_compiled_sql_uses_range_windows_and_one_function_per_aggregate(store):
     assert "RANGE BETWEEN INTERVAL '3600 seconds' PRECEDING AND CURRENT ROW" in sql
     assert "RANGE BETWEEN INTERVAL '86400 seconds' PRECEDING AND CURRENT ROW" in sql
     assert '"ts" IS NOT NULL' in sql
-    assert count_sql(None, "w") == "count(*) OVER w"
-    assert count_sql("amount", "w") == 'count("amount") OVER w'
-    assert [f("amount", "w") for f in (sum_sql, min_sql, max_sql)] == [
+    w = Frame("w")
+    assert count_sql(None, w) == "count(*) OVER w"
+    assert count_sql("amount", w) == 'count("amount") OVER w'
+    assert [f("amount", w) for f in (sum_sql, min_sql, max_sql)] == [
         'sum(CAST("amount" AS DOUBLE)) OVER w',
         'min(CAST("amount" AS DOUBLE)) OVER w',
         'max(CAST("amount" AS DOUBLE)) OVER w',
     ]
-    assert mean_sql("amount", "w") == '(sum(CAST("amount" AS DOUBLE)) OVER w / count("amount") OVER w)'
+    assert mean_sql("amount", w) == '(sum(CAST("amount" AS DOUBLE)) OVER w / count("amount") OVER w)'
+    # Growing frames (Spark's): counts and integer sums as everything so far minus what is older.
+    g = Frame("w", growing=True)
+    assert count_sql(None, g) == "(count(*) OVER running - coalesce(count(*) OVER w_before, 0))"
+    assert g.integer_sum("u") == (
+        'CASE WHEN (count("u") OVER running - coalesce(count("u") OVER w_before, 0)) > 0 '
+        'THEN (sum("u") OVER running - coalesce(sum("u") OVER w_before, 0)) END'
+    )
+    assert max_sql("amount", g) == 'max(CAST("amount" AS DOUBLE)) OVER w'  # not additive: sliding
 
 
 def test_sql_shown_for_a_view_reads_its_source_and_gives_the_hand_computed_values(store):
@@ -338,3 +347,64 @@ def test_table_of_an_older_view_definition_is_not_read(store):
     store.materialize_offline("spend")
     store.apply([spend_view(ttl=H)])  # only the ttl differs from the table's definition: still read
     assert store.get_historical_features(rows, ["spend:count_1h"])["count_1h"].tolist() == [3]
+
+
+def test_fixed_point_sums_add_cents_exactly_and_are_part_of_the_definition(tmp_path):
+    """decimals=2: the window adds cents, so 0.10 + 0.20 + 0.30 is 0.60 (a float sum in arrival
+    order is 0.6000000000000001); the mean is that sum over the count of values; a NULL amount
+    is a row, not a value. The declaration survives the registry and changes the fingerprint."""
+    frame = table(
+        "user_id ts amount",
+        [
+            (1, "2024-01-01 00:00", 0.1),
+            (1, "2024-01-01 00:10", 0.2),
+            (1, "2024-01-01 00:20", 0.3),
+            (1, "2024-01-01 00:30", None),
+        ],
+        times=["ts"],
+    )
+    frame["created"] = frame["ts"]
+    write_events(tmp_path, frame)
+    view = FeatureView(
+        "cents",
+        entities=[user],
+        source=events,
+        aggregations=[
+            Aggregation("sum", H, "amount", name="total", decimals=2),
+            Aggregation("mean", H, "amount", name="average", decimals=2),
+        ],
+    )
+    fs = FeatureStore(tmp_path)
+    fs.apply([view])
+    fs.materialize_offline("cents")
+    got = read_offline(fs, "cents")
+    assert got["total"].tolist() == [0.1, 0.3, 0.6, 0.6] and 0.1 + 0.2 + 0.3 != 0.6
+    assert got["average"].tolist() == [0.1, 0.3 / 2, 0.6 / 3, 0.6 / 3]
+    assert "CAST(round(CAST(\"amount\" AS DOUBLE) * CAST(100 AS DOUBLE)) AS BIGINT)" in fs.aggregation_sql("cents")
+
+    reread = FeatureStore(tmp_path).get_feature_view("cents")
+    assert [a.decimals for a in reread.aggregations] == [2, 2]
+    as_floats = FeatureView(
+        "cents",
+        entities=[user],
+        source=events,
+        aggregations=[Aggregation("sum", H, "amount", name="total"), Aggregation("mean", H, "amount", name="average")],
+    )
+    fs.apply([as_floats])
+    with pytest.raises(NotMaterializedError, match="another definition"):
+        fs.get_historical_features(pd.DataFrame({"user_id": [1], "event_timestamp": [T("2024-01-01 01:00")]}), ["cents:total"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"function": "max", "column": "amount", "decimals": 2}, "Aggregation 'max' takes no decimals \\(got 2\\)"),
+        ({"function": "count", "decimals": 0}, "Aggregation 'count' takes no decimals"),
+        ({"function": "sum", "column": "amount", "decimals": 10}, "'amount_sum_1h'.*integer in \\[0, 9\\], got 10"),
+        ({"function": "mean", "column": "amount", "decimals": 1.0}, "integer in \\[0, 9\\], got 1.0"),
+        ({"function": "sum", "column": "amount", "decimals": -1}, "got -1"),
+    ],
+)
+def test_decimals_are_refused_where_they_mean_nothing(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Aggregation(window=H, **kwargs)

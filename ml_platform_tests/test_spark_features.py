@@ -3,9 +3,11 @@ row and value by value, on the generator's events and on hand-made edge cases; t
 written where and how the store reads it, atomically; the engine is chosen by name; the Dagster
 resource builds the session from config.
 
-Equality: keys, times, counts, min and max are compared exactly, and so is where the NULLs are.
-Sums and means are compared to 1e-12 relative: DuckDB adds a window's values in segment-tree order
-and Spark row by row, so the last bit of a float sum can differ (measured: a few 1e-16)."""
+Equality: every value is compared exactly (the same float, bit for bit), and so is where the
+NULLs are. The platform's sums and means are fixed point (`Aggregation.decimals`: amounts in
+cents, 0/1 labels), which both engines add as integers. Only a sum or mean declared without
+decimals is a float sum, compared to 1e-12 relative: DuckDB adds a window's values in
+segment-tree order and Spark row by row, so its last bit can differ (measured: a few 1e-16)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from featurestore_fixtures import T, merchant, table, user, write_by_day, write_parquet
+from test_fixed_point import TRICKY
 
 from ml_platform import features as fr
+from ml_platform import fixed_point
 from ml_platform.featurestore import Aggregation, Entity, FeatureStore, FeatureView, FileSource
 from ml_platform.featurestore.spark_offline import (
     DuckDBOfflineEngine,
@@ -68,7 +72,7 @@ def assert_same_table(duck_store: FeatureStore, spark_store: FeatureStore, view:
     assert [f.type for f in a.schema] == [f.type for f in b.schema]  # e.g. timestamp[us, tz=UTC], int64
     assert pq.read_metadata(duck_path).metadata == pq.read_metadata(spark_path).metadata  # the fingerprint
     assert a.num_rows == b.num_rows
-    sums = {a_.feature_name for a_ in view.aggregations if a_.function in ("sum", "mean")}
+    sums = {a_.feature_name for a_ in view.aggregations if a_.function in ("sum", "mean") and a_.decimals is None}
     for name in a.column_names:
         x, y = a.column(name), b.column(name)
         assert x.is_null().to_pylist() == y.is_null().to_pylist(), f"{view.name}.{name}: NULLs differ"
@@ -116,6 +120,8 @@ def test_every_platform_view_gives_duckdbs_table_on_the_generators_events(spark,
     engine = SparkOfflineEngine(spark)
     aggregated = [v for v in fr.FEATURE_VIEWS if v.aggregations]
     assert len(aggregated) == 4
+    # Every sum and mean is fixed point, so every value below is compared exactly.
+    assert all(a.decimals is not None for v in aggregated for a in v.aggregations if a.function in ("sum", "mean"))
     for view in aggregated:
         want = duck.materialize_offline(view.name)
         got = engine.materialize_offline(spark_store, view.name)
@@ -130,7 +136,7 @@ def test_every_platform_view_gives_duckdbs_table_on_the_generators_events(spark,
     refs = [r for r in fr.MODEL_FEATURE_REFS if not r.startswith("user_profile")]
     a = duck.get_historical_features(entity_df, refs)
     b = spark_store.get_historical_features(entity_df, refs)
-    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=FLOAT_RTOL)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert a["txn_count_30d"].notna().mean() > 0.5  # the rows really found features
     leftovers = [p.name for p in (spark_store.repo_path / "offline").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no scratch folder or temp file left
@@ -160,6 +166,12 @@ EDGE = table(
         (2, 12, None, None, 7.0),  # NULL time: skipped
         (2, 12, "2024-01-01 00:00:02", "2024-01-01 00:00:02", 7.0),
         (3, 12, "2024-01-01 00:00:00", "2024-01-01 00:00:00", None),  # no value at all
+        # Cents whose float sum is not the sum in cents (0.1 + 0.2 + 0.3 = 0.6000000000000001),
+        # and a value off the cent grid (rounded half away from zero: 0.005 is 1 cent).
+        (4, 12, "2024-01-01 00:00:00", "2024-01-01 00:00:00", 0.1),
+        (4, 12, "2024-01-01 00:00:00.5", "2024-01-01 00:00:00.5", 0.2),
+        (4, 12, "2024-01-01 00:00:01", "2024-01-01 00:00:01", 0.3),
+        (4, 12, "2024-01-01 00:00:02", "2024-01-01 00:00:02", 0.005),
     ],
     times=["ts", "created"],
     dtypes={"user_id": "Int64", "merchant_id": "Int64"},
@@ -169,11 +181,14 @@ for _column in ("ts", "created"):
 
 
 def every_function(window: dt.timedelta, label: str) -> list[Aggregation]:
+    """Each function over `window`, sums and means both as float sums and fixed point (cents)."""
     return [
         Aggregation("count", window, name=f"rows_{label}"),
         Aggregation("count", window, "amount", name=f"values_{label}"),
         Aggregation("sum", window, "amount", name=f"sum_{label}"),
         Aggregation("mean", window, "amount", name=f"mean_{label}"),
+        Aggregation("sum", window, "amount", name=f"cents_sum_{label}", decimals=2),
+        Aggregation("mean", window, "amount", name=f"cents_mean_{label}", decimals=2),
         Aggregation("min", window, "amount", name=f"min_{label}"),
         Aggregation("max", window, "amount", name=f"max_{label}"),
     ]
@@ -224,8 +239,14 @@ def test_edge_cases_give_duckdbs_table_and_the_documented_values(spark, tmp_path
     assert one.loc[T("2024-01-01 01:00:00.000001"), "rows_1h"] == 5
     assert pd.isna(one.loc[T("2024-01-02 01:00:00"), "created_timestamp"])  # peers without created
     assert one.loc[T("2024-01-02 01:00:00"), "rows_1d"] == 4  # 01:00, 01:00:00.000001 and the 2 peers
-    assert set(got["user_id"]) == {1, 2, 3}  # the NULL key row is skipped
-    assert len(got) == 7 + 2 + 1  # the NULL time row is skipped, the peers collapse
+    assert set(got["user_id"]) == {1, 2, 3, 4}  # the NULL key row is skipped
+    assert len(got) == 7 + 2 + 1 + 4  # the NULL time row is skipped, the peers collapse
+    cents = got[got["user_id"] == 4].set_index("event_timestamp")
+    at_1s = cents.loc[T("2024-01-01 00:00:01")]
+    assert at_1s["cents_sum_1500ms"] == 0.6 and at_1s["cents_mean_1500ms"] == 0.6 / 3  # exact: 60 cents
+    assert 0.1 + 0.2 + 0.3 != 0.6  # what a float sum in arrival order gives instead
+    at_2s = cents.loc[T("2024-01-01 00:00:02")]  # 0.2 (exactly 1.5 s back), 0.3 and 0.005
+    assert (at_2s["cents_sum_1500ms"], at_2s["cents_sum_1h"]) == (0.51, 0.61)
     lone = got[got["user_id"] == 3].iloc[0]
     assert (
         lone["rows_1h"] == 1
@@ -234,12 +255,12 @@ def test_edge_cases_give_duckdbs_table_and_the_documented_values(spark, tmp_path
         and pd.isna(lone["max_1h"])
     )
     pairs = read_sorted(spark_store.offline_table_path("edge_user_merchant"), EDGE_VIEWS[1]).to_pandas()
-    assert pairs["merchant_id"].notna().all() and len(pairs) == 5 + 2 + 1 + 1  # (2, NULL): a NULL key
+    assert pairs["merchant_id"].notna().all() and len(pairs) == 5 + 2 + 1 + 1 + 4  # (2, NULL): a NULL key
     assert (
         read_sorted(spark_store.offline_table_path("edge_no_created"), EDGE_VIEWS[2])
         .column("created_timestamp")
         .null_count
-        == 10
+        == 14
     )
 
 
@@ -253,12 +274,37 @@ def test_compiled_spark_sql_orders_by_microseconds_and_shares_the_function_mappi
         "CAST(`ts` AS TIMESTAMP) AS __source_ts" in sql
         and "`ts` IS NOT NULL AND `user_id` IS NOT NULL" in sql
     )
+    # Counts over growing frames: every row so far minus those older than the window (t - w - 1 µs).
+    assert "running AS (PARTITION BY `user_id` ORDER BY unix_micros(__source_ts) RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)" in sql
+    assert "w_3600s_before AS (PARTITION BY `user_id` ORDER BY unix_micros(__source_ts) RANGE BETWEEN UNBOUNDED PRECEDING AND 3600000001 PRECEDING)" in sql
+    values_1h = "(count(`amount`) OVER running - coalesce(count(`amount`) OVER w_3600s_before, 0))"
+    assert f"CAST((sum(CAST(`amount` AS DOUBLE)) OVER w_3600s / {values_1h}) AS DOUBLE) AS `mean_1h`" in sql
+    assert "CAST((count(*) OVER running - coalesce(count(*) OVER w_86400s_before, 0)) AS BIGINT) AS `rows_1d`" in sql
+    assert "max(CAST(`amount` AS DOUBLE)) OVER w_3600s" in sql  # min, max, float sums: sliding frames
+    # A fixed-point mean: the cents once per row, their exact window sum over the count of values.
+    assert "CAST(round(CAST(`amount` AS DOUBLE) * CAST(100 AS DOUBLE)) AS BIGINT) AS `__units2_amount`" in sql
+    cents_1h = "(count(`__units2_amount`) OVER running - coalesce(count(`__units2_amount`) OVER w_3600s_before, 0))"
     assert (
-        "CAST((sum(CAST(`amount` AS DOUBLE)) OVER w_3600s / count(`amount`) OVER w_3600s) AS DOUBLE) AS `mean_1h`"
-        in sql
-    )
-    assert "CAST(count(*) OVER w_86400s AS BIGINT) AS `rows_1d`" in sql
+        f"CAST(((CAST(CASE WHEN {cents_1h} > 0 THEN (sum(`__units2_amount`) OVER running - "
+        f"coalesce(sum(`__units2_amount`) OVER w_3600s_before, 0)) END AS DOUBLE) / CAST(100 AS DOUBLE)) "
+        f"/ CAST({cents_1h} AS DOUBLE)) AS DOUBLE) AS `cents_mean_1h`"
+    ) in sql
     assert "TIMESTAMPTZ" not in sql and '"' not in sql  # nothing of DuckDB's dialect
+
+
+def test_spark_sql_gives_numpys_fixed_point_units_sums_and_means(spark):
+    """The one SQL text of `fixed_point` in Spark: the same units as numpy (and DuckDB, in
+    test_fixed_point) on the values where rounding rules part, the same sum and mean."""
+    values = spark.createDataFrame([(i, float(x)) for i, x in enumerate(TRICKY)], "i INT, x DOUBLE")
+    values.createOrReplaceTempView("tricky")
+    rows = spark.sql(f"SELECT {fixed_point.units_sql('x', 2)} AS u FROM tricky ORDER BY i").collect()
+    assert [r["u"] for r in rows] == fixed_point.units(np.array(TRICKY), 2).tolist()
+    total, count = 6003, 7
+    s, m = spark.sql(
+        f"SELECT {fixed_point.sum_from_units_sql(f'CAST({total} AS BIGINT)', 2)} AS s, "
+        f"{fixed_point.mean_from_units_sql(f'CAST({total} AS BIGINT)', f'CAST({count} AS BIGINT)', 2)} AS m"
+    ).first()
+    assert (s, m) == (60.03, 60.03 / 7)
 
 
 def test_a_failed_spark_run_leaves_the_previous_table_intact(spark, tmp_path):

@@ -158,8 +158,8 @@ def test_well_formed_transactions_take_the_fast_path_with_the_same_values():
     ("payload", "reason"),
     [
         # What orjson refuses or reads differently is read by the standard library, as before.
-        (json.dumps(_txn(amount=float("nan"))), "field 'amount' must be a number with 0 < value < 1e+06, got nan"),
-        (json.dumps(_txn(amount=float("inf"))), "field 'amount' must be a number with 0 < value < 1e+06, got inf"),
+        (json.dumps(_txn(amount=float("nan"))), "field 'amount' must be a number with 0 < value < 1e+06 and at most 2 decimal places, got nan"),
+        (json.dumps(_txn(amount=float("inf"))), "field 'amount' must be a number with 0 < value < 1e+06 and at most 2 decimal places, got inf"),
         (json.dumps(_txn(user_id=10**30)), f"field 'user_id' must be an integer in [1, {_I64 - 1}], got {10**30}"),
         (
             json.dumps(_txn(merchant_id=-_I64 - 1)),
@@ -170,7 +170,8 @@ def test_well_formed_transactions_take_the_fast_path_with_the_same_values():
             "field 'transaction_id' must be a string of 1 to 128 characters, not blank, got 'xxx",
         ),
         (json.dumps(_txn(country=" ")), "field 'country' must be a string of 1 to 2 characters, not blank"),
-        (json.dumps(_txn(amount=True)), "field 'amount' must be a number with 0 < value < 1e+06, got True"),
+        (json.dumps(_txn(amount=12.345)), "field 'amount' must be a number with 0 < value < 1e+06 and at most 2 decimal places, got 12.345"),
+        (json.dumps(_txn(amount=True)), "field 'amount' must be a number with 0 < value < 1e+06 and at most 2 decimal places, got True"),
         (json.dumps(_txn(amount=_DROP)), "field 'amount' is missing"),
         (json.dumps(_txn(device="fax")), "field 'device' must be a string of 1 to 32 characters, not blank, one of"),
         (json.dumps(_txn(refund=True)), "field 'refund' is not a field of a transaction, got True"),

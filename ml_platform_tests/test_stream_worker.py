@@ -306,8 +306,8 @@ def test_malformed_events_go_to_the_dead_letter_stream_and_the_worker_keeps_goin
     reasons = [f[b"reason"].decode() for _, f in dead]
     assert len(dead) == 7 and worker.stats.dead_letters == 7
     assert "field 'amount' is missing" in reasons[0]
-    assert "'amount' must be a number with 0 < value < 1e+06, got '12,50'" in reasons[1]
-    assert "'amount' must be a number with 0 < value < 1e+06, got -4.0" in reasons[2]
+    assert "'amount' must be a number with 0 < value < 1e+06 and at most 2 decimal places, got '12,50'" in reasons[1]
+    assert "'amount' must be a number with 0 < value < 1e+06 and at most 2 decimal places, got -4.0" in reasons[2]
     assert "'event_timestamp' must be an ISO-8601 timestamp" in reasons[3] and "'yesterday noon'" in reasons[3]
     assert reasons[4].startswith("payload is not valid JSON")
     assert "'user_id' must be an integer in [1, 9223372036854775807], got 'seven'" in reasons[5]

@@ -254,9 +254,12 @@ def _generated_store(tmp_path):
 
 def test_parity_with_the_offline_sql_for_every_view(tmp_path, client, project):
     """Feed the same raw events to the offline SQL and to the updater: every feature value per
-    (entity, time) matches, and so does every looked-up value (the point-in-time join at t - 1 µs)."""
+    (entity, time) is the same float, bit for bit, and so is every looked-up value (the
+    point-in-time join at t - 1 µs). Exact because every sum and mean of the platform's views is
+    fixed point (`Aggregation.decimals`): both sides add integer cents, not floats in their own order."""
     store, raw = _generated_store(tmp_path)
     views = [v for v in fr.FEATURE_VIEWS if v.aggregations]
+    assert all(a.decimals is not None for v in views for a in v.aggregations if a.function in ("sum", "mean"))
     # Same-time events exist in the data (ties are part of the test).
     assert (
         raw.duplicated(["user_id", fr.EVENT_TS]).any() or raw.duplicated(["merchant_id", fr.EVENT_TS]).any()
@@ -304,7 +307,7 @@ def test_parity_with_the_offline_sql_for_every_view(tmp_path, client, project):
                 if pd.isna(want):
                     assert math.isnan(got[f]), (view.name, row, f)
                 else:
-                    assert math.isclose(got[f], want, rel_tol=TOL, abs_tol=TOL), (view.name, row, f, got[f])
+                    assert got[f] == want, (view.name, row, f, got[f])
                 compared += 1
     assert compared > 20_000, compared
 
@@ -324,11 +327,7 @@ def test_parity_with_the_offline_sql_for_every_view(tmp_path, client, project):
     for i, (name, e, got) in enumerate(before_rows):
         for f, value in got.items():
             want = pit[f].iloc[i]
-            same = (
-                math.isnan(value)
-                if pd.isna(want)
-                else math.isclose(value, float(want), rel_tol=TOL, abs_tol=TOL)
-            )
+            same = math.isnan(value) if pd.isna(want) else value == float(want)
             if not same:
                 mismatches.append((name, e[EVENT_ID], f, value, want))
     assert not mismatches, mismatches[:5]

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pandas as pd
 import pytest
@@ -50,9 +51,13 @@ def _valid_value(spec) -> st.SearchStrategy:
     if isinstance(spec, IntegerField):
         return st.integers(spec.ge, spec.le)
     if isinstance(spec, NumberField):
-        return st.floats(spec.gt, spec.lt, exclude_min=True, exclude_max=True) | st.integers(
-            math.floor(spec.gt) + 1, math.ceil(spec.lt) - 1
-        )
+        whole = st.integers(math.floor(spec.gt) + 1, math.ceil(spec.lt) - 1)
+        if spec.decimals is not None:  # n / 10^decimals: the float nearest a number with that many places
+            scale = 10**spec.decimals
+            return whole | st.integers(math.floor(spec.gt * scale) + 1, math.ceil(spec.lt * scale) - 1).map(
+                lambda n: n / scale
+            )
+        return st.floats(spec.gt, spec.lt, exclude_min=True, exclude_max=True) | whole
     if isinstance(spec, TimestampField):
         return _iso
     if spec.allowed is not None and not spec.allowed_is_soft:
@@ -73,7 +78,8 @@ def _edges(spec) -> list:
         return [spec.ge - 1, spec.ge, spec.le, spec.le + 1, 0, -1, 1.0, True, "7", None]
     if isinstance(spec, NumberField):
         below = math.nextafter(spec.lt, 0)
-        return [spec.gt, math.nextafter(spec.gt, 1), below, spec.lt, spec.lt + 1, -0.0, 10**20, 1, True, "5", None]
+        places = [12.34, 12.345, 0.1 + 0.2, 0.3, 1e-05, 999999.99, 999999.995]  # at and past 2 decimal places
+        return [spec.gt, math.nextafter(spec.gt, 1), below, spec.lt, spec.lt + 1, -0.0, 10**20, 1, True, "5", None, *places]
     if isinstance(spec, TimestampField):
         return ["2024-13-01", "2024-01-01T25:00", "2024-01-01", "2024-01-01T00:00:00Z", "", 1704067200, None]
     return [
@@ -109,7 +115,10 @@ def _oracle_accepts(spec, value) -> bool:
     if isinstance(spec, IntegerField):
         return type(value) is int and spec.ge <= value <= spec.le
     if isinstance(spec, NumberField):
-        return type(value) in (int, float) and spec.gt < value < spec.lt
+        if type(value) not in (int, float) or not spec.gt < value < spec.lt:
+            return False
+        # at most `decimals` places: the shortest decimal that reads back as this float has no more
+        return spec.decimals is None or Decimal(repr(float(value))).normalize().as_tuple().exponent >= -spec.decimals
     if isinstance(spec, TimestampField):
         if not isinstance(value, str):
             return False

@@ -73,6 +73,17 @@ def test_absurd_amount(clean_day):
     assert (finding["failure_count"], finding["sample_values"]) == (1, [5e6])
 
 
+def test_an_amount_finer_than_cents_is_named_with_its_rows(clean_day):
+    """Amounts are fixed point (features add them exactly in cents): a fraction of a cent, or a
+    float sum's artefact such as 0.1 + 0.2, is refused; 12.30 and 7 are fine."""
+    df = clean_day.copy()
+    df.loc[[2, 4, 11, 12], "amount"] = [12.345, 0.1 + 0.2, 12.30, 7.0]
+    report = validate(df, "raw_transactions", now=NOW)
+    finding = _only(report, "amount", "amount has at most 2 decimal places")
+    assert (finding["failure_count"], finding["sample_values"]) == (2, [12.345, 0.1 + 0.2])
+    assert finding["sample_rows"] == [2, 4] and report.failed_rows == 2
+
+
 def test_duplicate_transaction_id(clean_day):
     df = clean_day.copy()
     df.loc[8, "transaction_id"] = df.loc[7, "transaction_id"]

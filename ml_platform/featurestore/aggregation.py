@@ -10,9 +10,12 @@ times are window peers with equal values, so they collapse to one. Columns: join
 the source has none) and the features.
 
 Each aggregation function maps to SQL in one small function below; the stream updater mirrors
-these one by one (count: +1 per row, sum/mean: running sums, min/max: extremes over the window).
+these one by one (count: +1 per row, sum/mean: sums over the window, min/max: its extremes). A sum
+or mean declared with `decimals` adds the column's integer units (`ml_platform.fixed_point`,
+computed once per row in `source_rows`), so every engine's sum is exact and the same.
 The query is one template for every engine: a `Dialect` names what an engine spells differently
-(identifier quoting, the UTC timestamp type, how the window is ordered and its frame bounded).
+(identifier quoting, the UTC timestamp type, how the window is ordered and its frame bounded, and
+whether counts and fixed-point sums are written over growing frames: `Frame`).
 `DUCKDB` is the offline store's; `featurestore.spark_sql` defines Spark's from the same pieces.
 """
 
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from ml_platform import fixed_point
 from ml_platform.featurestore.definitions import Aggregation, FeatureView
 from ml_platform.featurestore.offline import CREATED_TS, FEATURE_TS, interval_sql, quote_identifier
 from ml_platform.timestamps import US_PER_SECOND, span_us
@@ -31,39 +35,91 @@ _CREATED = "__source_created_ts"
 _NEXT_TS = "__next_ts"
 _PEERS = "same_time"  # window of the rows with the same keys and time
 _ORDER = "by_time"
+_ONE_US = timedelta(microseconds=1)  # the time resolution (µs): the first instant outside a window
 
 
-# --- One function per aggregation function: its SQL over a named window (`w`). --------------
-# `quote` quotes an identifier in the engine's dialect. The type names used (DOUBLE here, BIGINT
-# and DOUBLE for the declared types) are spelled the same in DuckDB and Spark SQL.
+# --- One function per aggregation function: its SQL over one window length (a `Frame`). -----
+# `decimals` is the declaration's (sum and mean only). The type names used (DOUBLE, BIGINT) are
+# spelled the same in DuckDB and Spark SQL.
+
+_RUNNING = "running"  # growing frames: every earlier row of the entity, the current time's peers included
 
 
-def count_sql(column: str | None, w: str, quote: Callable[[str], str] = quote_identifier) -> str:
+@dataclass(frozen=True)
+class Frame:
+    """How an aggregate over one window length [t - window, t] is written in one dialect.
+
+    `over` is the sliding frame (`RANGE BETWEEN <window> PRECEDING AND CURRENT ROW`), right for
+    any aggregate. `additive` is for counts and integer sums, which can also be written as the
+    difference of two *growing* frames: everything up to t (`running`) minus everything older
+    than the window (`<name>_before`, up to t - window - 1 µs). Exact for integers (there is no
+    rounding to cancel), and an engine computes a growing frame incrementally, where a sliding
+    frame costs some engines (Spark) the whole frame on every row: O(rows x rows per window)."""
+
+    name: str  # the sliding window's name in the WINDOW clause (`window_name`)
+    quote: Callable[[str], str] = quote_identifier
+    growing: bool = False  # additive aggregates as running minus before
+
+    @property
+    def before(self) -> str:
+        """The WINDOW name of the growing frame of the rows older than the window."""
+        return f"{self.name}_before"
+
+    def over(self, aggregate: str) -> str:
+        """`aggregate` over the sliding frame."""
+        return f"{aggregate} OVER {self.name}"
+
+    def additive(self, aggregate: str) -> str:
+        """An additive aggregate (a count, an integer sum) over the window. Growing, an empty
+        window's count is 0 and its sum 0, not NULL: `integer_sum` says NULL itself."""
+        if not self.growing:
+            return self.over(aggregate)
+        return f"({aggregate} OVER {_RUNNING} - coalesce({aggregate} OVER {self.before}, 0))"
+
+    def integer_sum(self, column: str) -> str:
+        """The sum of an integer column's non-NULL values over the window; NULL when there are none."""
+        total = f"sum({self.quote(column)})"
+        if not self.growing:
+            return self.over(total)
+        return f"CASE WHEN {self.additive(f'count({self.quote(column)})')} > 0 THEN {self.additive(total)} END"
+
+
+def units_column(column: str, decimals: int) -> str:
+    """The `source_rows` column holding `column`'s fixed-point units at `decimals`."""
+    return f"__units{decimals}_{column}"
+
+
+def count_sql(column: str | None, frame: Frame, decimals=None) -> str:
     """Rows in the window (column None) or rows whose `column` is not NULL."""
-    return f"count(*) OVER {w}" if column is None else f"count({quote(column)}) OVER {w}"
+    return frame.additive("count(*)" if column is None else f"count({frame.quote(column)})")
 
 
-def sum_sql(column: str, w: str, quote: Callable[[str], str] = quote_identifier) -> str:
-    """Sum of the non-NULL values; NULL when there are none."""
-    return f"sum(CAST({quote(column)} AS DOUBLE)) OVER {w}"
+def sum_sql(column: str, frame: Frame, decimals: int | None = None) -> str:
+    """Sum of the non-NULL values (exact over units with `decimals`); NULL when there are none."""
+    if decimals is None:
+        return frame.over(f"sum(CAST({frame.quote(column)} AS DOUBLE))")
+    return fixed_point.sum_from_units_sql(frame.integer_sum(units_column(column, decimals)), decimals)
 
 
-def mean_sql(column: str, w: str, quote: Callable[[str], str] = quote_identifier) -> str:
-    """Mean of the non-NULL values (sum / count, the same running totals a stream keeps); NULL when none.
+def mean_sql(column: str, frame: Frame, decimals: int | None = None) -> str:
+    """Mean of the non-NULL values (sum / count, the same sums a stream keeps); NULL when none.
 
     Written as sum/count rather than avg so DuckDB shares the window sums with sum/count features.
     With no value the sum is NULL, so the division is never NULL / 0 (also under Spark's ANSI mode)."""
-    return f"({sum_sql(column, w, quote)} / {count_sql(column, w, quote)})"
+    if decimals is None:
+        return f"({sum_sql(column, frame)} / {count_sql(column, frame)})"
+    units = units_column(column, decimals)  # NULL exactly where the column is
+    return fixed_point.mean_from_units_sql(frame.integer_sum(units), count_sql(units, frame), decimals)
 
 
-def min_sql(column: str, w: str, quote: Callable[[str], str] = quote_identifier) -> str:
+def min_sql(column: str, frame: Frame, decimals=None) -> str:
     """Smallest non-NULL value; NULL when there are none."""
-    return f"min(CAST({quote(column)} AS DOUBLE)) OVER {w}"
+    return frame.over(f"min(CAST({frame.quote(column)} AS DOUBLE))")
 
 
-def max_sql(column: str, w: str, quote: Callable[[str], str] = quote_identifier) -> str:
+def max_sql(column: str, frame: Frame, decimals=None) -> str:
     """Largest non-NULL value; NULL when there are none."""
-    return f"max(CAST({quote(column)} AS DOUBLE)) OVER {w}"
+    return frame.over(f"max(CAST({frame.quote(column)} AS DOUBLE))")
 
 
 AGGREGATE_SQL = {"count": count_sql, "sum": sum_sql, "mean": mean_sql, "min": min_sql, "max": max_sql}
@@ -77,13 +133,19 @@ def window_name(window: timedelta) -> str:
 
 @dataclass(frozen=True)
 class Dialect:
-    """What one engine spells differently in the compiled query (everything else is shared)."""
+    """What one engine spells differently in the compiled query (everything else is shared), and
+    whether counts and fixed-point sums use growing frames (`Frame`: for an engine whose sliding
+    RANGE frames cost the whole frame per row)."""
 
     name: str
     quote: Callable[[str], str]  # an identifier
     timestamp_type: str  # the type of a UTC instant, which source times are cast to
     order_by: Callable[[str], str]  # the window's ORDER BY expression for the time column
     preceding: Callable[[timedelta], str]  # the frame's lower bound: `window` before the current row
+    growing_frames: bool = False
+
+    def frame(self, window: timedelta) -> Frame:
+        return Frame(window_name(window), self.quote, self.growing_frames)
 
 
 DUCKDB = Dialect(
@@ -92,13 +154,13 @@ DUCKDB = Dialect(
     timestamp_type="TIMESTAMPTZ",
     order_by=lambda ts: ts,  # DuckDB frames a timestamp order by an INTERVAL
     preceding=interval_sql,
-)
+)  # sliding frames throughout: DuckDB's segment trees make them O(rows log rows)
 
 
 def aggregation_sql(aggregation: Aggregation, dialect: Dialect = DUCKDB) -> str:
     """The windowed SQL of one declaration, cast to the feature's declared type."""
     function = AGGREGATE_SQL[aggregation.function]
-    expr = function(aggregation.column, window_name(aggregation.window), dialect.quote)
+    expr = function(aggregation.column, dialect.frame(aggregation.window), aggregation.decimals)
     return f"CAST({expr} AS {aggregation.dtype.duckdb_type})"
 
 
@@ -129,17 +191,31 @@ def compile_aggregation_sql(view: FeatureView, source_scan: str, dialect: Dialec
         if src.created_timestamp_column
         else f"CAST(NULL AS {dialect.timestamp_type})"
     )
-    value_columns = [q(c) for c in dict.fromkeys(a.column for a in view.aggregations if a.column)]
+    # The raw columns the window functions read, and the units of the fixed-point ones (read
+    # instead of the raw column, which then stays out of the window sort unless another uses it).
+    value_columns = [
+        q(c) for c in dict.fromkeys(a.column for a in view.aggregations if a.column and a.decimals is None)
+    ]
+    value_columns += [
+        f"{fixed_point.units_sql(q(c), d)} AS {q(units_column(c, d))}"
+        for c, d in dict.fromkeys((a.column, a.decimals) for a in view.aggregations if a.decimals is not None)
+    ]
     not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
     windows = sorted({a.window for a in view.aggregations})
     order = f"PARTITION BY {', '.join(keys)} ORDER BY {dialect.order_by(_TS)}"
-    window_clauses = ",\n  ".join(
-        [
-            f"{window_name(w)} AS ({order} RANGE BETWEEN {dialect.preceding(w)} PRECEDING AND CURRENT ROW)"
+    clauses = [
+        f"{window_name(w)} AS ({order} RANGE BETWEEN {dialect.preceding(w)} PRECEDING AND CURRENT ROW)"
+        for w in windows
+    ]
+    if dialect.growing_frames:
+        clauses.append(f"{_RUNNING} AS ({order} RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)")
+        clauses += [  # the rows older than the window: up to t - window - 1 µs
+            f"{dialect.frame(w).before} AS ({order} RANGE BETWEEN UNBOUNDED PRECEDING AND "
+            f"{dialect.preceding(w + _ONE_US)} PRECEDING)"
             for w in windows
         ]
-        + [f"{_PEERS} AS ({order} RANGE BETWEEN CURRENT ROW AND CURRENT ROW)", f"{_ORDER} AS ({order})"]
-    )
+    clauses += [f"{_PEERS} AS ({order} RANGE BETWEEN CURRENT ROW AND CURRENT ROW)", f"{_ORDER} AS ({order})"]
+    window_clauses = ",\n  ".join(clauses)
     features = ",\n    ".join(
         f"{aggregation_sql(a, dialect)} AS {q(a.feature_name)}" for a in view.aggregations
     )

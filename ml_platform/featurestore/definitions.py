@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
+from ml_platform import fixed_point
 from ml_platform.timestamps import US_PER_SECOND, span_us
 
 # Features of an event are looked up as of *just before* it: the state the serving path holds when
@@ -138,12 +139,18 @@ class Aggregation:
     Value at time t for an entity = `function(column)` over that entity's source rows with
     timestamp in [t - window, t] (both ends inclusive, the row at t itself included).
     `column=None` with `function="count"` counts rows.
+
+    `decimals` (sum and mean only) declares the column fixed point, its values multiples of
+    10^-decimals (2 for an amount in cents, 0 for a 0/1 label): every engine then adds them as
+    integers (`ml_platform.fixed_point`), so DuckDB, Spark and the stream give the same bits.
+    Without it the sum is a float sum, whose last bits depend on each engine's order of additions.
     """
 
     function: str
     window: timedelta
     column: str | None = None
     name: str | None = None
+    decimals: int | None = None
 
     def __post_init__(self) -> None:
         if self.function not in AGGREGATION_FUNCTIONS:
@@ -156,6 +163,16 @@ class Aggregation:
             _check_name("Aggregation column", self.column)
         if self.name is not None:
             _check_name("Aggregation", self.name)
+        if self.decimals is not None:
+            if self.function not in ("sum", "mean"):
+                raise ValueError(
+                    f"Aggregation {self.function!r} takes no decimals (got {self.decimals!r}): "
+                    "only sum and mean add values, count, min and max are exact anyway"
+                )
+            try:
+                fixed_point.check_decimals(self.decimals)
+            except ValueError as e:
+                raise ValueError(f"Aggregation {self.feature_name!r}: {e}") from None
 
     @property
     def feature_name(self) -> str:

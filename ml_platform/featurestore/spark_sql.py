@@ -9,7 +9,12 @@ types) in the Spark dialect below. What Spark spells differently:
   `SPARK_SESSION_CONF`, so that a naive source time is read as UTC as DuckDB reads it);
 - a RANGE frame needs a numeric order, so windows are ordered by `unix_micros(time)` (a BIGINT of
   µs since the epoch) and bounded by the window in µs: `[t - window, t]` stays exact to the
-  microsecond, with no calendar or time zone arithmetic.
+  microsecond, with no calendar or time zone arithmetic;
+- counts and fixed-point sums over a window are the difference of two growing frames (all rows up
+  to t, minus those up to t - window - 1 µs: `aggregation.Frame`), exact for integers: Spark
+  recomputes a sliding RANGE frame's aggregate over the whole frame whenever the frame moves
+  (O(rows x rows per window), hundreds of rows for a merchant's week), a growing one
+  incrementally. min, max and float sums keep the sliding frame.
 
 Spark keeps the semantics documented at the top of `aggregation.py` exactly; the parity test
 (`ml_platform_tests/test_spark_features.py`) compares every row and value with DuckDB's table.
@@ -65,6 +70,7 @@ SPARK = Dialect(
     timestamp_type="TIMESTAMP",
     order_by=spark_micros,
     preceding=spark_preceding,
+    growing_frames=True,
 )
 
 

@@ -460,6 +460,7 @@ def _view_to_dict(v: FeatureView) -> dict:
                 "window_seconds": a.window.total_seconds(),
                 "column": a.column,
                 "name": a.name,
+                **({"decimals": a.decimals} if a.decimals is not None else {}),
             }
             for a in v.aggregations
         ],
@@ -476,7 +477,13 @@ def _view_from_dict(d: dict, entities: dict[str, Entity]) -> FeatureView:
         schema=[Field(f["name"], ValueType[f["dtype"]]) for f in d["schema"]],
         ttl=None if d["ttl_seconds"] is None else timedelta(seconds=d["ttl_seconds"]),
         aggregations=[
-            Aggregation(a["function"], timedelta(seconds=a["window_seconds"]), a["column"], a["name"])
+            Aggregation(
+                a["function"],
+                timedelta(seconds=a["window_seconds"]),
+                a["column"],
+                a["name"],
+                a.get("decimals"),
+            )
             for a in d["aggregations"]
         ],
         description=d["description"],

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ml_platform.features import CREATED_TS, EVENT_TS, LABEL, LABEL_TS
+from ml_platform import fixed_point
+from ml_platform.features import AMOUNT_DECIMALS, CREATED_TS, EVENT_TS, LABEL, LABEL_TS
 
 INT64_MAX = 2**63 - 1
 
@@ -113,19 +114,29 @@ class IntegerField:
 
 @dataclass(frozen=True)
 class NumberField:
-    """A finite number (a JSON integer or float; not a boolean) with gt < value < lt."""
+    """A finite number (a JSON integer or float; not a boolean) with gt < value < lt; with
+    `decimals`, a fixed-point number with at most that many decimal places (an amount in cents:
+    2), which features add exactly (`ml_platform.fixed_point`)."""
 
     name: str
     description: str
     gt: float
     lt: float
+    decimals: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.decimals is not None:
+            fixed_point.check_decimals(self.decimals)
 
     @property
     def rule(self) -> str:
-        return f"must be a number with {self.gt:g} < value < {self.lt:g}"
+        places = "" if self.decimals is None else f" and at most {self.decimals} decimal places"
+        return f"must be a number with {self.gt:g} < value < {self.lt:g}{places}"
 
     def check(self, value: Any) -> float:
         if (type(value) is not float and type(value) is not int) or not self.gt < value < self.lt:
+            raise ContractViolation(self.name, value, self.rule)
+        if self.decimals is not None and not fixed_point.on_grid(float(value), self.decimals):
             raise ContractViolation(self.name, value, self.rule)
         return float(value)
 
@@ -224,7 +235,7 @@ TRANSACTION = EventContract(
             allowed=KNOWN_MERCHANT_CATEGORIES,
             allowed_is_soft=True,
         ),
-        NumberField("amount", "Amount of the payment", gt=0.0, lt=MAX_AMOUNT),
+        NumberField("amount", "Amount of the payment", gt=0.0, lt=MAX_AMOUNT, decimals=AMOUNT_DECIMALS),
         TextField("country", "ISO 3166-1 alpha-2 country of the merchant", max_length=2, pattern=r"[A-Z]{2}"),
         TextField("device", "Device the payment was made from", max_length=32, allowed=DEVICES),
         TextField("channel", "Payment channel", max_length=32, allowed=CHANNELS),
@@ -246,4 +257,3 @@ LABEL_EVENT_OPTIONAL = (USER_ID,)  # a label event may name the card holder too
 
 # The raw table's columns beyond the transaction's own (gate only; see the module docstring).
 TABLE_ONLY_COLUMNS = (CREATED_TS, LABEL, LABEL_TS)
-

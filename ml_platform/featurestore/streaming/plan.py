@@ -23,12 +23,14 @@ from ml_platform.timestamps import span_us
 @dataclass(frozen=True)
 class CompiledAggregation:
     """One declaration ready for the vectorized evaluation: output name, function, the index of
-    its value column in the buffer (None for count(*)) and of its window in the view's windows."""
+    its value column in the buffer (None for count(*)), of its window in the view's windows, and
+    its fixed-point decimals (sum and mean add integer units when set)."""
 
     name: str
     function: str
     column: int | None
     window: int
+    decimals: int | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def compile_views(views: Iterable[FeatureView]) -> tuple[dict[str, CompiledView]
                 function=a.function,
                 column=None if a.column is None else group.value_columns.index(a.column),
                 window=windows.index(span_us(a.window)),
+                decimals=a.decimals,
             )
             for a in view.aggregations
             if a.function in AGGREGATION_FUNCTIONS

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ml_platform import fixed_point
 from ml_platform.featurestore.definitions import FEATURE_LOOKUP_OFFSET
 from ml_platform.featurestore.online import EVENT_TIMESTAMP
 from ml_platform.featurestore.streaming.buffer import NULL_KEY, unpack_records
@@ -304,6 +305,15 @@ class ValueColumns:
             self._cache[k] = np.concatenate([[0], np.cumsum(notnull, dtype=np.int64)])
         return self._cache[k]
 
+    def padded_units(self, c: int, decimals: int) -> np.ndarray:
+        """The column's int64 fixed-point units (NULL as 0), padded with a 0."""
+        k = ("units", c, decimals)
+        if k not in self._cache:
+            out = np.zeros(len(self.values) + 1, np.int64)
+            out[:-1] = fixed_point.units(self.values[:, c], decimals)
+            self._cache[k] = out
+        return self._cache[k]
+
     def padded(self, c: int, neutral: float) -> np.ndarray:
         k = ("padded", c, neutral)
         if k not in self._cache:
@@ -371,6 +381,20 @@ def aggregates_at(
             if a.function == "count":
                 results[a.name] = present
                 continue
+            empty = present == 0
+            if a.decimals is not None:  # sum or mean of fixed-point units: exact, as in SQL
+                rk = ("units", a.column, a.decimals)
+                if rk not in reduced:
+                    padded = columns.padded_units(a.column, a.decimals)
+                    reduced[rk] = np.add.reduceat(padded, pairs)[0::2] if m else np.empty(0, np.int64)
+                if a.function == "mean":
+                    value = fixed_point.mean_from_units(
+                        reduced[rk], np.where(empty, 1.0, present), a.decimals
+                    )
+                else:
+                    value = fixed_point.sum_from_units(reduced[rk], a.decimals)
+                results[a.name] = np.where(empty, np.nan, value)
+                continue
             ufunc, neutral = _REDUCE[a.function]
             rk = (ufunc, a.column)
             if rk not in reduced:
@@ -378,7 +402,6 @@ def aggregates_at(
                     ufunc.reduceat(columns.padded(a.column, neutral), pairs)[0::2] if m else np.empty(0)
                 )
             value = reduced[rk]
-            empty = present == 0
             if a.function == "mean":
                 value = value / np.where(empty, 1.0, present)
             results[a.name] = np.where(empty, np.nan, value)

@@ -26,6 +26,7 @@ import orjson
 import pandas as pd
 
 from ml_platform import features as fr
+from ml_platform import fixed_point
 from ml_platform.featurestore.streaming import EVENT_ID
 from ml_platform.timestamps import EPOCH, span_us
 from ml_platform.transactions import LABEL_EVENT, LABEL_EVENT_OPTIONAL, ContractViolation
@@ -96,6 +97,7 @@ def _valid_transaction(obj: dict) -> dict[str, Any] | None:
         and _MERCHANT.ge <= mid <= _MERCHANT.le
         and (type(amount) is float or type(amount) is int)
         and _AMOUNT.gt < amount < _AMOUNT.lt
+        and (_AMOUNT.decimals is None or fixed_point.on_grid(amount, _AMOUNT.decimals))
         and type(category) is str
         and len(category) <= _CATEGORY.max_length
         and _CATEGORY_MATCH(category) is not None
