@@ -317,10 +317,13 @@ class OnlineStoreContract:
             seen: list[tuple[float, float]] = []
             errors: list[BaseException] = []
             done = threading.Event()
+            read_since_flip = threading.Event()  # the reader keeps up, also on a loaded machine
 
             def write_generations():
                 try:
                     for g in range(1, 9):
+                        read_since_flip.wait(timeout=10)
+                        read_since_flip.clear()
                         for view in (a, b):
                             writer.write_view(view, wide_table(ids, float(g), T0 + timedelta(seconds=g)))
                 except Exception as exc:  # noqa: BLE001 - the main thread asserts there was none
@@ -338,6 +341,7 @@ class OnlineStoreContract:
                     gen = check_snapshot(out, {"snap_a": "snap_a__f00", "snap_b": "snap_b__f00"})
                     check_flip_order(gen["snap_a"], gen["snap_b"])
                     seen.append((gen["snap_a"], gen["snap_b"]))
+                    read_since_flip.set()
             finally:
                 thread.join()
                 sys.setswitchinterval(switch)
@@ -415,10 +419,13 @@ class OnlineStoreContract:
             writer.write_view(user_view, wide_table(ids, 0.0, T0, 1))
             writer.write_view(pair, pair_rows(0))
             done, errors, seen = threading.Event(), [], set()
+            read_since_flip = threading.Event()  # the reader keeps up: every generation is read
 
             def flips():
                 try:
                     for g in range(1, 7):
+                        read_since_flip.wait(timeout=10)
+                        read_since_flip.clear()
                         writer.write_view(user_view, wide_table(ids, float(g), T0, 1))
                         writer.write_view(pair, pair_rows(g))
                 except Exception as exc:  # noqa: BLE001 - asserted below
@@ -435,6 +442,7 @@ class OnlineStoreContract:
                     out = reader.read(["dk_user:f00", "dk_pair:n"], probe, now=T0)
                     gen = check_snapshot(out, {"dk_user": "f00", "dk_pair": "n"})
                     seen.add((gen["dk_user"], gen["dk_pair"]))
+                    read_since_flip.set()
             finally:
                 thread.join()
                 sys.setswitchinterval(switch)

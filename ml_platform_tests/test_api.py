@@ -208,6 +208,11 @@ def test_defaults_and_openapi_example(client, tiny_platform):
     (example,) = [e["value"] for e in body_spec["examples"].values()]
     resp = client.post("/predict", json=example)
     assert resp.status_code == 200, resp.text  # the documented example is a valid request
+    # Amounts are cents: documented as multipleOf 0.01, a fraction of a cent refused by name.
+    schema = spec["components"]["schemas"][body_spec["schema"]["$ref"].rsplit("/", 1)[-1]]
+    assert schema["properties"]["amount"]["multipleOf"] == 0.01
+    finer = client.post("/predict", json={**example, "amount": 12.345})
+    assert finer.status_code == 422 and "amount" in finer.text and "at most 2 decimal places" in finer.text
     (batch_example,) = [
         e["value"]
         for e in spec["paths"]["/predict/batch"]["post"]["requestBody"]["content"]["application/json"][

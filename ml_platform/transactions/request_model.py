@@ -43,7 +43,13 @@ def _annotation(spec: FieldSpec) -> tuple[Any, Any]:
     if isinstance(spec, IntegerField):
         return Annotated[int, Field(ge=spec.ge, le=spec.le, strict=True, description=spec.description)], ...
     if isinstance(spec, NumberField):
-        field = Field(gt=spec.gt, lt=spec.lt, allow_inf_nan=False, strict=True, description=spec.description)
+        # multipleOf documents the fixed point in the OpenAPI schema; spec.check enforces it exactly
+        # (pydantic's multiple_of would use float modulo: 12.34 % 0.01 is not 0).
+        places = None if spec.decimals is None else {"multipleOf": 10**-spec.decimals}
+        field = Field(
+            gt=spec.gt, lt=spec.lt, allow_inf_nan=False, strict=True, description=spec.description,
+            json_schema_extra=places,
+        )
         return Annotated[float, field, AfterValidator(spec.check)], ...
     if isinstance(spec, TimestampField):
         ann = Annotated[datetime, BeforeValidator(spec.check), Field(description=spec.description)]
