@@ -146,6 +146,9 @@ def _feature_table_asset(view) -> dg.AssetsDefinition:
                 "rows": result["rows"],
                 "path": dg.MetadataValue.path(str(result["path"])),
                 "seconds": round(result["seconds"], 3),
+                # full | incremental (rows from recomputed_from on) | unchanged (no source file changed)
+                "mode": result["mode"],
+                "recomputed_from": result.get("recomputed_from") or "",
                 "entities": ", ".join(view.join_keys),
                 "ttl": str(view.ttl),
                 "features": dg.MetadataValue.json(view.feature_names),
