@@ -127,19 +127,17 @@ def plan(
 
 
 def prepare(
-    con, view: FeatureView, source_path: str, previous: dict[str, str], fingerprint_key: str
+    con, view: FeatureView, source_path: str, previous: dict[str, str], fingerprint: tuple[str, str]
 ) -> tuple[Plan, str]:
     """(what to recompute, the record for the new table) of a view that `supports_incremental`.
     `previous`: the current table's key-value metadata ({} when there is none or a full run is
-    asked for); its fingerprint (`fingerprint_key`) must be the view's current one. Each file's
-    earliest time is read once: the added and changed ones, or every one when there is no record."""
-    from ml_platform.featurestore.store import view_fingerprint  # the store imports this module
-
+    asked for); it must hold `fingerprint` (key, the view's current value). Each file's earliest
+    time is read once: the added and changed ones, or every one when there is no record."""
     listed_ns = time.time_ns()
     files = offline.parquet_files(con, source_path, what=f"feature view {view.name!r} source")
     states = file_states(files)  # before any file is read
     recorded = decode_record(previous.get(RECORD_KEY))
-    if previous.get(fingerprint_key) != view_fingerprint(view):
+    if previous.get(fingerprint[0]) != fingerprint[1]:
         recorded = None
     earliest: dict[str, int | None] = {}
     for path, (state, first) in (recorded or {}).items():

@@ -253,7 +253,8 @@ class FeatureStore:
             if incremental.supports_incremental(view):
                 previous = self._table_metadata(con, target) if target.exists() and not full else {}
                 source_path = offline.resolve_source_path(view.source, self.repo_path)
-                step, record = incremental.prepare(con, view, source_path, previous, FINGERPRINT_KEY)
+                fingerprint = (FINGERPRINT_KEY, metadata[FINGERPRINT_KEY])
+                step, record = incremental.prepare(con, view, source_path, previous, fingerprint)
                 if step.mode == "unchanged":
                     return self._materialized(target, pq.ParquetFile(target).metadata.num_rows, started, step)
                 metadata[incremental.RECORD_KEY] = record
