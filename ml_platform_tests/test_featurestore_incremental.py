@@ -174,3 +174,11 @@ def test_a_file_modified_right_before_its_listing_counts_as_changed_next_time():
     assert (step.mode, step.since_us, step.changed_files) == ("incremental", 200, 1)  # b only
     assert incremental.plan(recorded, {"a": (10, old, 1)}, lambda files: {}).since_us == 200  # b removed
     assert incremental.decode_record("not json") is None and incremental.decode_record(None) is None
+
+
+def test_an_unreadable_table_is_recomputed_whole(store):
+    path = store.offline_table_path("user_merchant_stats")
+    rows = pq.ParquetFile(path).metadata.num_rows
+    path.write_bytes(b"not parquet")
+    result = store.materialize_offline("user_merchant_stats")
+    assert (result["mode"], result["rows"]) == ("full", rows)

@@ -251,7 +251,12 @@ class FeatureStore:
             metadata = {FINGERPRINT_KEY: view_fingerprint(view)}
             step = incremental.Plan("full")
             if incremental.supports_incremental(view):
-                previous = self._table_metadata(con, target) if target.exists() and not full else {}
+                previous = {}
+                if target.exists() and not full:
+                    try:
+                        previous = self._table_metadata(con, target)
+                    except duckdb.Error:  # an unreadable table: recompute it whole
+                        previous = {}
                 source_path = offline.resolve_source_path(view.source, self.repo_path)
                 fingerprint = (FINGERPRINT_KEY, metadata[FINGERPRINT_KEY])
                 step, record = incremental.prepare(con, view, source_path, previous, fingerprint)
