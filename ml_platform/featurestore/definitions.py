@@ -182,6 +182,11 @@ class Aggregation:
         return f"{col}_{self.function}_{_window_label(self.window)}"
 
     @property
+    def exact(self) -> bool:
+        """Every engine computes the same bits: not a float sum (count, min, max, or fixed point)."""
+        return self.function not in ("sum", "mean") or self.decimals is not None
+
+    @property
     def dtype(self) -> ValueType:
         return Int64 if self.function == "count" else Float64
 

@@ -43,8 +43,7 @@ FileState = tuple[int, int, int]  # size, mtime in ns, inode
 
 def supports_incremental(view: FeatureView) -> bool:
     """The view's table can be recomputed from a time on with exactly the full query's values."""
-    exact = all(a.decimals is not None for a in view.aggregations if a.function in ("sum", "mean"))
-    return exact and view.source.file_format == "parquet"
+    return all(a.exact for a in view.aggregations) and view.source.file_format == "parquet"
 
 
 def longest_window(view: FeatureView) -> timedelta:

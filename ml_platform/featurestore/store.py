@@ -9,7 +9,7 @@ Paths: a FileSource path is relative to `repo_path` unless absolute; aggregated 
 materialized to `repo_path/offline/<view>.parquet`; the registry is mirrored in
 `repo_path/registry.json` (read back when a store is opened on the same path).
 
-Why ~530 lines in one module: it is the facade a user holds (Feast's `FeatureStore`); each method
+Why ~540 lines in one module: it is the facade a user holds (Feast's `FeatureStore`); each method
 is a few lines over `offline`, `aggregation`, `incremental`, `online/` and `materialize_online`, and the registry
 file it keeps is its own state. The SQL and the stores live in those modules.
 """

@@ -13,6 +13,10 @@ time and event id: a replay) counts once.
 
 How: records are sorted by (entity, time) packed into one int64 (`SearchKeys`); each window
 query is two searchsorted calls and a reduceat (`aggregates_at`), queries in (entity, time) order.
+
+Why ~410 lines in one module: it is one job, the numpy half of the aggregation semantics; the
+record decoding, the key packing, the value columns and the per-function reductions serve only
+`evaluate_group`, and splitting them would spread one rule (what a window holds) over files.
 """
 
 from __future__ import annotations
